@@ -1,0 +1,128 @@
+"""Config schema and validation: every config is checked at start, before anything is written.
+
+The schema lists each field with its type; a key the schema does not know (a
+typo such as `model.dept`) or a value of the wrong type or range fails with the
+field's dotted name. Config *files* live in `configs/`; this module only judges them.
+"""
+import importlib.util
+import os
+from typing import Any, Callable, Dict, Tuple
+
+import ml_collections
+
+_pos = lambda v: v > 0
+_nonneg = lambda v: v >= 0
+_prob = lambda v: 0.0 <= v < 1.0
+
+# dotted key -> (types, predicate or None, what the predicate demands)
+SCHEMA: Dict[str, Tuple[tuple, Callable[[Any], bool], str]] = {
+    "seed": ((int,), None, ""),
+    "data.name": ((str,), None, ""),
+    "data.data_dir": ((str, type(None)), None, ""),
+    "data.train_split": ((str,), None, ""),
+    "data.eval_split": ((str,), None, ""),
+    "data.image_size": ((int,), _pos, "> 0"),
+    "data.channels": ((int,), lambda v: v in (1, 3), "1 or 3"),
+    "data.num_classes": ((int,), _pos, "> 0"),
+    "data.shuffle_seed": ((int,), None, ""),
+    "data.random_flip": ((bool,), None, ""),
+    "data.worker_count": ((int,), _nonneg, ">= 0"),
+    "tokenizer.name": ((str,), lambda v: v in ("patchify",), "'patchify'"),
+    "tokenizer.patch_size": ((int,), _pos, "> 0"),
+    "tokenizer.scale": ((float, int), _pos, "> 0"),
+    "model.family": ((str,), lambda v: v in ("causal",), "'causal'"),
+    "model.width": ((int,), _pos, "> 0"),
+    "model.depth": ((int,), _pos, "> 0"),
+    "model.num_heads": ((int,), _pos, "> 0"),
+    "model.mlp_ratio": ((float, int), _pos, "> 0"),
+    "model.num_class_tokens": ((int,), _pos, "> 0"),
+    "model.label_drop": ((float, int), _prob, "in [0, 1)"),
+    "model.dtype": ((str,), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "head.name": ((str,), lambda v: v in ("flow",), "'flow'"),
+    "head.width": ((int,), _pos, "> 0"),
+    "head.depth": ((int,), _pos, "> 0"),
+    "head.batch_mul": ((int,), _pos, "> 0"),
+    "head.t_mean": ((float, int), None, ""),
+    "head.t_std": ((float, int), _pos, "> 0"),
+    "train.global_batch_size": ((int,), _pos, "> 0"),
+    "train.num_steps": ((int,), _pos, "> 0"),
+    "train.learning_rate": ((float, int), _pos, "> 0"),
+    "train.schedule": ((str,), lambda v: v in ("cosine", "constant"), "'cosine' or 'constant'"),
+    "train.warmup_steps": ((int,), _nonneg, ">= 0"),
+    "train.weight_decay": ((float, int), _nonneg, ">= 0"),
+    "train.adam_b1": ((float,), _prob, "in [0, 1)"),
+    "train.adam_b2": ((float,), _prob, "in [0, 1)"),
+    "train.grad_clip_norm": ((float, int), _pos, "> 0"),
+    "train.ema_decay": ((float,), _prob, "in [0, 1)"),
+    "train.log_every": ((int,), _pos, "> 0"),
+    "train.sample_every": ((int,), _nonneg, ">= 0 (0 = never)"),
+    "train.checkpoint_every": ((int,), _pos, "> 0"),
+    "train.keep_checkpoints": ((int,), _pos, "> 0"),
+    "mesh.shape": ((tuple, list), lambda v: len(v) == 3, "3 sizes (data, fsdp, tensor)"),
+    "sharding.rules": ((tuple, list), None, ""),
+    "sample.num_images": ((int,), _pos, "> 0"),
+    "sample.labels": ((str,), None, ""),
+    "sample.cfg_scale": ((float, int), _nonneg, ">= 0"),
+    "sample.cfg_schedule": ((str,), lambda v: v in ("constant", "linear"), "'constant' or 'linear'"),
+    "sample.temperature": ((float, int), _pos, "> 0"),
+    "sample.num_steps": ((int,), _pos, "> 0"),
+    "sample.solver": ((str,), lambda v: v in ("euler", "heun"), "'euler' or 'heun'"),
+    "sample.seed": ((int,), None, ""),
+    "sample.batch_size": ((int,), _pos, "> 0"),
+    "sample.use_ema": ((bool,), None, ""),
+}
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, missing, of the wrong type or out of range."""
+
+
+def _flatten(config, prefix=""):
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _flatten(value, name + ".")
+    else:
+      yield name, value
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field (unknown keys included)."""
+  flat = dict(_flatten(config))
+  for name in flat:
+    if name not in SCHEMA:
+      raise ConfigError(f"config.{name}: unknown key (known keys of that section: "
+                        f"{sorted(k for k in SCHEMA if k.rsplit('.', 1)[0] == name.rsplit('.', 1)[0])})")
+  for name, (types, check, demand) in SCHEMA.items():
+    if name not in flat:
+      raise ConfigError(f"config.{name}: missing")
+    value = flat[name]
+    if isinstance(value, bool) and bool not in types:
+      raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}")
+    if not isinstance(value, types):
+      raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}, "
+                        f"got {type(value).__name__}")
+    if check is not None and not check(value):
+      raise ConfigError(f"config.{name}={value!r}: must be {demand}")
+  m = config.model
+  if m.width % m.num_heads:
+    raise ConfigError(f"config.model.width={m.width} must be divisible by "
+                      f"config.model.num_heads={m.num_heads}")
+  if config.data.image_size % config.tokenizer.patch_size:
+    raise ConfigError(f"config.tokenizer.patch_size={config.tokenizer.patch_size} must divide "
+                      f"config.data.image_size={config.data.image_size}")
+  if config.train.warmup_steps > config.train.num_steps:
+    raise ConfigError(f"config.train.warmup_steps={config.train.warmup_steps} exceeds "
+                      f"config.train.num_steps={config.train.num_steps}")
+  for i, rule in enumerate(config.sharding.rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"config.sharding.rules[{i}]={rule!r}: expected (logical_name, mesh_axes)")
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads `configs/X.py[:variant]` the way `--config=` does (for library and test use)."""
+  path, _, variant = path.partition(":")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()

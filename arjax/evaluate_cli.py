@@ -1,0 +1,33 @@
+"""`eval`: score `workdir/samples.npz` against the held-out split; write eval.json and print a table."""
+import json
+import os
+
+import numpy as np
+
+from arjax import evaluate
+from arjax.data import pipeline
+
+
+def load_samples(workdir: str):
+  path = os.path.join(workdir, "samples.npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run `python -m arjax sample` on this workdir first")
+  with np.load(path, allow_pickle=False) as f:
+    return f["images"], f["labels"]
+
+
+def run(config, workdir: str) -> str:
+  d = config.data
+  images, labels = load_samples(workdir)
+  pipeline.prepare(d.name, d.data_dir)
+  train_images, train_labels = pipeline.load_split(d, d.train_split)
+  eval_images, eval_labels = pipeline.load_split(d, d.eval_split)
+  metrics = evaluate.evaluate(
+      images, labels, train_images=train_images, train_labels=train_labels,
+      eval_images=eval_images, eval_labels=eval_labels,
+      cache_dir=pipeline.default_data_dir(d.data_dir), name=d.name, seed=config.sample.seed)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(metrics, f, indent=2, default=float)
+  return (evaluate.format_report(metrics)
+          + f"\nmetrics: {os.path.join(workdir, 'eval.json')}"
+          + f"\nsample grid: {os.path.join(workdir, 'samples.png')}")

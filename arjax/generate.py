@@ -1,0 +1,66 @@
+"""`sample`: restore a trained workdir and write class-conditional samples (npz + PNG grid)."""
+import os
+
+import jax
+import numpy as np
+import tqdm
+
+from arjax import checkpoint, configs
+from arjax.data import pipeline
+from arjax.image_grid import save_class_grid
+
+
+def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
+  """'' -> an equal share of every class (sorted); '3,5' -> 3,5,3,5,... ; checked against num_classes."""
+  if num_images <= 0:
+    raise configs.ConfigError(f"config.sample.num_images={num_images}: must be > 0")
+  if not spec.strip():
+    return np.sort(np.arange(num_images) % num_classes).astype(np.int64)
+  try:
+    wanted = [int(s) for s in spec.split(",") if s.strip()]
+  except ValueError as e:
+    raise configs.ConfigError(f"config.sample.labels={spec!r}: expected comma-separated class ids") from e
+  bad = [k for k in wanted if not 0 <= k < num_classes]
+  if bad or not wanted:
+    raise configs.ConfigError(f"config.sample.labels={spec!r}: class ids must lie in "
+                              f"[0, {num_classes}) (config.data.num_classes)")
+  return np.resize(np.asarray(wanted, np.int64), num_images)
+
+
+def restore_params(exp, workdir: str, use_ema: bool):
+  """Parameters of the newest checkpoint in `workdir`, on the experiment's mesh."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=1, save_every=1, async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"--workdir={workdir} holds no checkpoint: train first "
+                            f"(python -m arjax train --config=... --workdir={workdir})")
+  abstract, _ = exp.abstract_state()
+  state = ckpt.restore(abstract)
+  ckpt.close()
+  return (state.ema_params if use_ema else state.params), int(state.step)
+
+
+def sample_images(exp, params, labels: np.ndarray, *, progress: bool = True) -> np.ndarray:
+  """uint8 [N, H, W, C] for labels [N], in fixed-size batches (the last one padded)."""
+  s = exp.config.sample
+  sampler = exp.sampler()
+  rng = jax.random.PRNGKey(s.seed)
+  out = []
+  starts = range(0, len(labels), s.batch_size)
+  for i, start in enumerate(tqdm.tqdm(starts, desc="sample", disable=not progress)):
+    chunk = labels[start:start + s.batch_size]
+    padded = np.resize(chunk, s.batch_size)  # one compiled shape for every batch
+    images = sampler(params, padded, jax.random.fold_in(rng, i), cfg_scale=s.cfg_scale,
+                     cfg_schedule_name=s.cfg_schedule, temperature=s.temperature)
+    out.append(pipeline.denormalize(np.asarray(jax.device_get(images)))[: len(chunk)])
+  return np.concatenate(out)
+
+
+def run(exp, workdir: str) -> dict:
+  s, d = exp.config.sample, exp.config.data
+  labels = parse_labels(s.labels, s.num_images, d.num_classes)
+  params, step = restore_params(exp, workdir, s.use_ema)
+  images = sample_images(exp, params, labels)
+  npz = os.path.join(workdir, "samples.npz")
+  np.savez(npz, images=images, labels=labels.astype(np.int64))
+  png = save_class_grid(os.path.join(workdir, "samples.png"), images, labels)
+  return {"npz": npz, "png": png, "step": step, "num_images": len(images)}

@@ -1,0 +1,11 @@
+"""Per-token heads: model p(x_token | z), give a training loss and a sampler.
+
+The contract every head keeps (so backbones and decoders never special-case one):
+
+    head.loss(net_fn, x [N, D], z [N, W], rng) -> per-token loss [N]
+    head.sample(net_fn, z [N, W] (or [2N, W] with CFG), rng, cfg_scale, temperature, steps) -> x [N, D]
+
+`net_fn(x_t, t, z)` is the head network applied with its parameters bound,
+a pure function: heads hold configuration, never parameters.
+"""
+from arjax.models.heads.flow import FlowHeadNet, FlowMatching  # noqa: F401

@@ -1,0 +1,78 @@
+"""Mesh construction, the logical-axis rules, and host <-> global array helpers.
+
+Every parameter and activation dimension carries a logical name (see
+`arjax.models.layers`); `config.sharding.rules` maps names to mesh axes. The
+mesh always has the three axes below, so a rule table written for a TPU pod
+runs unchanged on one CPU (with sizes 1).
+
+    data    pure data parallelism: batch split, parameters replicated
+    fsdp    batch split *and* parameters/optimizer state split (ZeRO-3 style)
+    tensor  attention heads and MLP hidden split (Megatron style)
+"""
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
+  """Resolves one -1 entry to the devices left over; checks the product."""
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"config.mesh.shape={tuple(shape)} must give {len(MESH_AXES)} sizes "
+                     f"for the axes {MESH_AXES}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"config.mesh.shape={tuple(shape)}: sizes must be positive, at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"config.mesh.shape={tuple(shape)} cannot be filled with {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"{num_devices} are present")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg.shape, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules_from_config(sharding_cfg) -> tuple:
+  """((logical_name, mesh_axes_or_None), ...) with every mesh axis checked."""
+  rules = []
+  for name, axes in sharding_cfg.rules:
+    for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+      if axis not in MESH_AXES:
+        raise ValueError(f"config.sharding.rules: {name!r} maps to unknown mesh axis {axis!r}; "
+                         f"mesh axes are {MESH_AXES}")
+    rules.append((name, tuple(axes) if isinstance(axes, list) else axes))
+  return tuple(rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a pytree of `nn.LogicallyPartitioned` (abstract) values."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Assembles each process's numpy batch into one global array sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,145 @@
+"""The training loop: data -> sharded step -> logs, sample grids, checkpoints. Resumes automatically.
+
+Resume precedence: a checkpoint in `workdir/checkpoints` (the newest complete
+one) > a fresh start from `config.seed`. The state holds the RNG and the
+checkpoint holds the grain iterator, so a resumed run continues bit-for-bit.
+"""
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from arjax import checkpoint, configs, sharding, tokenizers, train_state, train_step
+from arjax.data import pipeline
+from arjax.image_grid import save_class_grid
+from arjax.models import ar_model
+from arjax.sampling import Sampler
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early (before any training) when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"--workdir={workdir} is not writable: {e}") from e
+
+
+class Experiment:
+  """Everything built from a config: tokenizer, model, head, mesh, optimizer."""
+
+  def __init__(self, config, mesh=None):
+    configs.validate(config)
+    self.config = config
+    self.tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
+    self.model, self.head = ar_model.build(config, self.tokenizer)
+    self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    self.rules = sharding.rules_from_config(config.sharding)
+    self.optimizer = train_state.make_optimizer(config.train)
+    self.example_tokens = jnp.zeros((1, self.tokenizer.num_tokens, self.tokenizer.token_dim))
+    self.example_labels = jnp.zeros((1,), jnp.int32)
+    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if config.train.global_batch_size % batch_devices:
+      raise configs.ConfigError(
+          f"config.train.global_batch_size={config.train.global_batch_size} must be divisible by "
+          f"the {batch_devices} devices of the mesh's batch axes (data x fsdp)")
+
+  def init_state(self):
+    return train_state.create(self.model, self.optimizer, self.example_tokens, self.example_labels,
+                              self.config.seed, self.mesh, self.rules)
+
+  def abstract_state(self):
+    return train_state.abstract_state(self.model, self.optimizer, self.example_tokens,
+                                      self.example_labels, self.mesh, self.rules)
+
+  def jit_step(self, state_shardings):
+    return train_step.jit_train_step(
+        state_shardings, self.mesh, model=self.model, head=self.head, tokenizer=self.tokenizer,
+        optimizer=self.optimizer, config=self.config)
+
+  def sampler(self) -> Sampler:
+    s = self.config.sample
+    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver)
+
+  def train_iterator(self):
+    c = self.config
+    return pipeline.make_train_iterator(
+        c.data, global_batch_size=c.train.global_batch_size, seed=c.data.shuffle_seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _write_grid(exp: Experiment, sampler: Sampler, params, step: int, workdir: str) -> str:
+  c = exp.config
+  labels = np.repeat(np.arange(c.data.num_classes), 10)
+  images = sampler(params, labels, jax.random.PRNGKey(c.sample.seed), cfg_scale=c.sample.cfg_scale,
+                   cfg_schedule_name=c.sample.cfg_schedule, temperature=c.sample.temperature)
+  images = pipeline.denormalize(np.asarray(jax.device_get(images)))
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  return save_class_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, labels)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after=None):
+  """Trains to config.train.num_steps (or `stop_after` steps, for tests); returns the final state."""
+  exp = Experiment(config)
+  c = config
+  check_workdir(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  pipeline.prepare(c.data.name, c.data.data_dir)
+  data_iter = exp.train_iterator()
+  ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints,
+                                 save_every=c.train.checkpoint_every)
+  if ckpt.latest_step() is not None:
+    abstract, shardings = exp.abstract_state()
+    state = ckpt.restore(abstract, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state, shardings = exp.init_state()
+  step_fn = exp.jit_step(shardings)
+  start = int(jax.device_get(state.step))
+  end = c.train.num_steps if stop_after is None else min(c.train.num_steps, start + stop_after)
+
+  writer = None
+  if is_chief:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  sampler = exp.sampler() if c.train.sample_every else None
+  bar = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", disable=not is_chief,
+                  dynamic_ncols=True, mininterval=1.0)
+  last_time, last_step = time.perf_counter(), start
+  for step in range(start, end):
+    batch = sharding.global_batch(next(data_iter), exp.mesh)
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % c.train.log_every == 0 or done == end:
+      metrics = jax.device_get(metrics)  # also waits for the step: honest throughput
+      now = time.perf_counter()
+      images_per_s = (done - last_step) * c.train.global_batch_size / max(now - last_time, 1e-9)
+      last_time, last_step = now, done
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+      if writer is not None:
+        for k, v in metrics.items():
+          writer.add_scalar(f"train/{k}", float(v), done)
+        writer.add_scalar("train/images_per_second", images_per_s, done)
+    bar.update(1)
+    if sampler is not None and (done % c.train.sample_every == 0 or done == c.train.num_steps):
+      path = _write_grid(exp, sampler, state.ema_params, done, workdir)
+      if is_chief:
+        bar.write(f"step {done}: sample grid {path}")
+    ckpt.save(done, state, data_iter, force=(done == end))
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  if writer is not None:
+    writer.close()
+  return state

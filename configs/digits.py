@@ -1,0 +1,135 @@
+"""The embedded default: class-conditional 8x8 digits (scikit-learn's bundled set).
+
+  python -m arjax train --config=configs/digits.py --workdir=workdirs/digits
+  python -m arjax train --config=configs/digits.py:smoke --workdir=/tmp/smoke   # seconds, for tests
+"""
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Seed of parameter init, label dropout, flow noise; the data order has its own seed below.
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # TFDS dataset name; 'digits' is prepared on the fly by arjax's own builder.
+  config.data.name = "digits"
+  # Where TFDS datasets live; None = $ARJAX_DATA_DIR or ~/.cache/arjax/tensorflow_datasets.
+  config.data.data_dir = None
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  # Images are resized (if needed) to image_size x image_size with this many channels.
+  config.data.image_size = 8
+  config.data.channels = 1
+  config.data.num_classes = 10
+  # Seed of the shuffle; the pipeline is a pure function of (seed, step) so resume is exact.
+  config.data.shuffle_seed = 0
+  # Augmentations: horizontal flips make no sense for digits.
+  config.data.random_flip = False
+  # Host-side worker threads/processes for decoding; 0 = in the main thread.
+  config.data.worker_count = 0
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.name = "patchify"
+  # 2x2 pixel patches: 16 tokens of dim 4 on 8x8 digits.
+  config.tokenizer.patch_size = 2
+  # Tokens = normalised pixels in [-1, 1] times this.
+  config.tokenizer.scale = 1.0
+
+  config.model = ml_collections.ConfigDict()
+  # 'causal': raster-order decoder with a KV cache.
+  config.model.family = "causal"
+  config.model.width = 128
+  config.model.depth = 4
+  config.model.num_heads = 4
+  config.model.mlp_ratio = 4.0
+  # Learned prefix vectors per class (the null class has its own).
+  config.model.num_class_tokens = 4
+  # Share of labels replaced by the null class in training (enables CFG).
+  config.model.label_drop = 0.1
+  # Compute dtype; parameters and optimizer state stay float32.
+  config.model.dtype = "float32"
+
+  config.head = ml_collections.ConfigDict()
+  config.head.name = "flow"
+  config.head.width = 128
+  config.head.depth = 3
+  # Noise/time draws per backbone output z (MAR's diffusion_batch_mul).
+  config.head.batch_mul = 4
+  # Logit-normal training time distribution.
+  config.head.t_mean = 0.0
+  config.head.t_std = 1.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 128
+  config.train.num_steps = 4000
+  config.train.learning_rate = 1e-3
+  # 'cosine' (warmup then cosine to 0) or 'constant' (warmup then flat).
+  config.train.schedule = "cosine"
+  config.train.warmup_steps = 200
+  config.train.weight_decay = 0.02
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.95
+  config.train.grad_clip_norm = 1.0
+  config.train.ema_decay = 0.999
+  config.train.log_every = 50
+  # A PNG grid of samples (one row per class) every this many steps; 0 = never.
+  config.train.sample_every = 1000
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 2
+
+  config.mesh = ml_collections.ConfigDict()
+  # (data, fsdp, tensor); -1 takes the devices left over.
+  config.mesh.shape = (-1, 1, 1)
+
+  config.sharding = ml_collections.ConfigDict()
+  # Logical axis -> mesh axes. The only place parallelism is decided.
+  config.sharding.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("classes", None),
+      ("token", None),
+      ("norm", None),
+      ("time", None),
+      ("mlp_out", None),
+  )
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_images = 1000
+  # Comma-separated class ids cycled over the images; '' = equal share of every class.
+  config.sample.labels = ""
+  config.sample.cfg_scale = 1.0
+  # 'constant', or 'linear': ramps 1 -> cfg_scale over token positions.
+  config.sample.cfg_schedule = "constant"
+  # Scale of the initial noise of each token's ODE.
+  config.sample.temperature = 1.0
+  config.sample.num_steps = 16
+  config.sample.solver = "heun"
+  config.sample.seed = 0
+  config.sample.batch_size = 500
+  # Sample with the EMA parameters (True) or the raw ones.
+  config.sample.use_ema = True
+
+  if variant == "smoke":
+    config.model.width = 32
+    config.model.depth = 2
+    config.model.num_heads = 2
+    config.model.num_class_tokens = 1
+    config.head.width = 32
+    config.head.depth = 1
+    config.train.global_batch_size = 16
+    config.train.num_steps = 4
+    config.train.warmup_steps = 1
+    config.train.log_every = 1
+    config.train.sample_every = 0
+    config.train.checkpoint_every = 2
+    config.sample.num_images = 20
+    config.sample.batch_size = 20
+    config.sample.num_steps = 2
+  elif variant:
+    raise ValueError(f"configs/digits.py has no variant {variant!r}; known: 'smoke'")
+  return config

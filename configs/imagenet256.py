@@ -1,0 +1,56 @@
+"""ImageNet 256x256, class-conditional, on 16x16 pixel patches (256 tokens of dim 768).
+
+Needs TFDS imagenet2012 prepared as ArrayRecord in the data dir (manual download;
+arjax never downloads). A TPU pod or GPU cluster job; on one machine it is a
+config to validate and inspect:
+  python -m arjax train --config=configs/imagenet256.py --workdir=gs://BUCKET/imagenet256
+
+Pixel patches stand in until the KL-16 VAE tokenizer lands (then 16x16 latents of dim 16).
+"""
+import os
+
+from arjax import configs
+
+
+def get_config(variant: str = ""):
+  config = configs.load(os.path.join(os.path.dirname(__file__), "digits.py"))
+  config.data.name = "imagenet2012"
+  config.data.eval_split = "validation"
+  config.data.image_size = 256
+  config.data.channels = 3
+  config.data.num_classes = 1000
+  config.data.random_flip = True
+  config.data.worker_count = 16
+
+  config.tokenizer.patch_size = 16
+
+  # MAR-B-like widths; FSDP over the batch devices.
+  config.model.width = 768
+  config.model.depth = 24
+  config.model.num_heads = 12
+  config.model.num_class_tokens = 16
+  config.model.dtype = "bfloat16"
+  config.head.width = 1024
+  config.head.depth = 6
+
+  config.train.global_batch_size = 1024
+  config.train.num_steps = 500_000
+  config.train.learning_rate = 8e-4
+  config.train.warmup_steps = 10_000
+  config.train.schedule = "constant"
+  config.train.adam_b2 = 0.95
+  config.train.ema_decay = 0.9999
+  config.train.log_every = 100
+  config.train.sample_every = 10_000
+  config.train.checkpoint_every = 5_000
+  config.train.keep_checkpoints = 3
+  config.mesh.shape = (1, -1, 1)
+
+  config.sample.num_images = 50_000
+  config.sample.cfg_scale = 3.0
+  config.sample.cfg_schedule = "linear"
+  config.sample.num_steps = 50
+  config.sample.batch_size = 256
+  if variant:
+    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}")
+  return config

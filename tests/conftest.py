@@ -1,0 +1,29 @@
+"""Test-wide set-up: 8 simulated CPU devices, so meshes and shardings are real.
+
+XLA reads XLA_FLAGS once, when the backend starts, so this must run before
+anything imports jax.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Keep TFDS quiet and off the network: nothing in the tests may download.
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One prepared TFDS data dir shared by every test of the session."""
+  from arjax.data import pipeline
+
+  path = tmp_path_factory.mktemp("tensorflow_datasets")
+  pipeline.prepare("digits", str(path))
+  return str(path)
