@@ -77,7 +77,8 @@ def test_builder_writes_the_documented_split(data_dir):
 def test_prepare_twice_and_concurrently_is_safe(data_dir, tmp_path):
   pipeline.prepare("digits", data_dir)  # Already prepared: returns without rebuilding.
   fresh = str(tmp_path / "fresh")
-  code = f"from arjax.data import pipeline; pipeline.prepare('digits', {fresh!r})"
+  code = ("import tensorflow_datasets as tfds; tfds.disable_progress_bar()\n"
+          f"from arjax.data import pipeline; pipeline.prepare('digits', {fresh!r})")
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
            for _ in range(2)]

@@ -1,0 +1,1 @@
+"""Datasets: the bundled digits TFDS builder (`digits`) and the grain pipelines (`pipeline`)."""
