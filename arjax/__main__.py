@@ -1,24 +1,47 @@
 """Command line: python -m arjax train|sample|eval --config=configs/X.py --workdir=DIR
 
+    python -m arjax bench --config=configs/X.py --mode=train|sample [--batch=N] [--repeats=N]
+        [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
+
+times the jitted train step or sampler (see `arjax.bench`); it needs no
+workdir, and writes its JSON report to --out, else workdir/bench_<mode>.json
+if --workdir is given, else prints only.
+
 Config fields are overridden on the command line, e.g. `--config.model.depth=4`
 or `--config.sample.cfg_scale=2.0`; unknown fields fail at start.
 """
+import json
+import os
+import shlex
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "sample", "eval", "bench")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+# bench only.
+_MODE = flags.DEFINE_enum("mode", None, ["train", "sample"], "bench: what to time.")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "bench: batch size; default config.train.global_batch_size (train) or "
+    "config.sample.batch_size (sample).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "bench: timed calls.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "bench: untimed calls after the first (compiling) one.")
+_PROFILE = flags.DEFINE_string("profile", None, "bench: write a jax.profiler trace of the timed "
+                               "calls to this directory.")
+_OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json.")
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m arjax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if argv[1] == "bench":
+    if _CONFIG.value is None or _MODE.value is None:
+      raise app.UsageError("bench: --config and --mode=train|sample are required")
+  elif _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
   logging.set_verbosity(logging.WARNING)
@@ -50,6 +73,23 @@ def _run(command, config, workdir):
     from arjax import evaluate_cli
     report = evaluate_cli.run(config, workdir)
     print(report)
+  elif command == "bench":
+    from arjax import bench
+    path = bench.report_path(_MODE.value, _OUT.value, workdir)
+    if path is not None:
+      # Fail before minutes of compiling and timing, not after.
+      train.check_workdir(os.path.dirname(os.path.abspath(path)))
+    report = bench.run(
+        config, mode=_MODE.value, batch_size=_BATCH.value, repeats=_REPEATS.value,
+        warmup=_WARMUP.value, profile_dir=_PROFILE.value,
+        config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+        command=shlex.join(["python", "-m", "arjax", *sys.argv[1:]]))
+    print(bench.format_table(report))
+    if path is None:
+      print(json.dumps(report, indent=2))
+    else:
+      bench.write_report(report, path)
+      print(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ SCHEMA: Dict[str, Tuple[tuple, Callable[[Any], bool], str]] = {
     "sample.labels": ((str,), None, ""),
     "sample.cfg_scale": ((float, int), _nonneg, ">= 0"),
     "sample.cfg_schedule": ((str,), lambda v: v in ("constant", "linear"), "'constant' or 'linear'"),
+    "sample.cfg_interval": ((tuple, list), lambda v: len(v) == 2 and 0.0 <= v[0] <= v[1] <= 1.0,
+                            "(lo, hi) with 0 <= lo <= hi <= 1"),
     "sample.temperature": ((float, int), _pos, "> 0"),
     "sample.num_steps": ((int,), _pos, "> 0"),
     "sample.solver": ((str,), lambda v: v in ("euler", "heun"), "'euler' or 'heun'"),

@@ -32,12 +32,16 @@ def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
 
 
 def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, guided: bool,
-                  num_steps: int, num_tokens: int, cache_dtype=jnp.float32):
+                  num_steps: int, num_tokens: int, cfg_interval=(0.0, 1.0), value_range=None,
+                  cache_dtype=jnp.float32):
   """labels [B] -> (tokens [B, T, D], z [B', T, W]); B' = 2B with guidance.
 
   The z's the decoder conditioned each token on are returned so that tests can
   hold them against a teacher-forced forward pass; callers that drop them pay
   nothing (XLA removes unused outputs). `cfg_scales` [T] is ignored unless `guided`.
+  With `value_range`, each sampled token is clipped into it before it is kept
+  and fed back: an ODE overshoot past the data's range would otherwise put the
+  backbone's next steps on prefixes it never saw in training.
   """
   apply = functools.partial(model.apply, {"params": params})
   if guided:
@@ -50,7 +54,9 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
     z, cache = carry
     position, scale, step_rng = inputs
     token = head.sample(net_fn, z, step_rng, cfg_scale=scale if guided else None,
-                        temperature=temperature, steps=num_steps)
+                        temperature=temperature, steps=num_steps, cfg_interval=cfg_interval)
+    if value_range is not None:
+      token = jnp.clip(token, *value_range)
     fed = jnp.concatenate([token, token]) if guided else token
     z_next, cache = apply(fed, position, cache, method=ARModel.decode_step)
     return (z_next, cache), (token, z)
@@ -68,6 +74,8 @@ class Sampler:
   tokenizer: object
   num_steps: int
   solver: str = "heun"
+  cfg_interval: tuple = (0.0, 1.0)
+  clip_tokens: bool = True
 
   def __post_init__(self):
     head = dataclasses.replace(self.head, solver=self.solver)
@@ -75,7 +83,9 @@ class Sampler:
     self._sample_images = lambda params, labels, rng, cfg_scales, temperature, guided: (
         self.tokenizer.decode(sample_tokens(
             params, labels, rng, cfg_scales, temperature, model=self.model, head=head,
-            guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens)[0]))
+            guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
+            cfg_interval=tuple(self.cfg_interval),
+            value_range=self.tokenizer.value_range if self.clip_tokens else None)[0]))
 
   def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
                temperature=1.0):

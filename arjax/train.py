@@ -67,7 +67,8 @@ class Experiment:
 
   def sampler(self) -> Sampler:
     s = self.config.sample
-    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver)
+    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver,
+                   cfg_interval=tuple(s.cfg_interval))
 
   def train_iterator(self):
     c = self.config

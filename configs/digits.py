@@ -62,11 +62,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 128
-  config.train.num_steps = 4000
+  config.train.num_steps = 1600
   config.train.learning_rate = 1e-3
   # 'cosine' (warmup then cosine to 0) or 'constant' (warmup then flat).
   config.train.schedule = "cosine"
-  config.train.warmup_steps = 200
+  config.train.warmup_steps = 100
   config.train.weight_decay = 0.02
   config.train.adam_b1 = 0.9
   config.train.adam_b2 = 0.95
@@ -105,6 +105,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.sample.cfg_scale = 1.0
   # 'constant', or 'linear': ramps 1 -> cfg_scale over token positions.
   config.sample.cfg_schedule = "constant"
+  # Guidance acts only while the ODE time t (1 = noise, 0 = data) lies in this interval.
+  config.sample.cfg_interval = (0.0, 1.0)
   # Scale of the initial noise of each token's ODE.
   config.sample.temperature = 1.0
   config.sample.num_steps = 16

@@ -112,3 +112,22 @@ def test_batch_must_split_over_the_mesh():
   with pytest.raises(configs.ConfigError, match="global_batch_size=12"):
     train.Experiment(config)
 
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+  config = smoke_config()
+  config.model.dtype = "bfloat16"
+  exp = train.Experiment(config)
+  state, shardings = exp.init_state()
+  before = jax.device_get(state.params)
+  state, metrics = exp.jit_step(shardings)(state, sharding.global_batch(fixed_batch(config), exp.mesh))
+  state, metrics = exp.jit_step(shardings)(state, sharding.global_batch(fixed_batch(config), exp.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+  # ...and the bfloat16 step really updated them.
+  kernel = "backbone", "block_0", "mlp", "up", "kernel"
+  a, b = before, jax.device_get(state.params)
+  for k in kernel:
+    a, b = a[k], b[k]
+  assert np.any(a != b)

@@ -5,6 +5,7 @@ The contract (a VAE tokenizer keeps it too):
     tokenizer.encode(images [B, H, W, C] float in [-1, 1]) -> tokens [B, T, D]
     tokenizer.decode(tokens [B, T, D]) -> images [B, H, W, C] float in [-1, 1]
     tokenizer.num_tokens, tokenizer.token_dim
+    tokenizer.value_range  (lo, hi) bounding every valid token entry, or None if unbounded
 
 Both are pure jnp functions, so they run inside the jitted train step and sampler.
 """

@@ -24,6 +24,11 @@ class Patchify:
                        f"config.data.image_size={self.image_size}")
 
   @property
+  def value_range(self):
+    """Every valid token entry lies in [lo, hi]: pixels in [-1, 1], times `scale`."""
+    return (-self.scale, self.scale)
+
+  @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 

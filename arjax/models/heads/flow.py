@@ -135,13 +135,16 @@ class FlowMatching:
     per_draw = jnp.mean(jnp.square(err), axis=-1)
     return per_draw.reshape(n, self.batch_mul).mean(axis=1)
 
-  def sample(self, net_fn: NetFn, z, rng, *, cfg_scale=None, temperature=1.0, steps: int = 16):
+  def sample(self, net_fn: NetFn, z, rng, *, cfg_scale=None, temperature=1.0, steps: int = 16,
+             cfg_interval=(0.0, 1.0)):
     """Draws x [N, D] given z.
 
     With `cfg_scale` (a scalar, may be traced), z is [2N, W]: conditional rows
     first, null-class rows second. Both halves integrate the same x, and the
-    velocity is v_u + cfg_scale * (v_c - v_u). `temperature` scales the
-    initial noise.
+    velocity is v_u + cfg_scale * (v_c - v_u) while t lies in `cfg_interval`,
+    plain v_c outside it (guidance limited to an interval of noise levels,
+    Kynkaanniemi et al. 2024: guiding at the noisiest t mostly costs
+    diversity). `temperature` scales the initial noise.
     """
     guided = cfg_scale is not None
     n = z.shape[0] // 2 if guided else z.shape[0]
@@ -153,6 +156,8 @@ class FlowMatching:
       if not guided:
         return v
       v_cond, v_uncond = jnp.split(v, 2)
-      return v_uncond + cfg_scale * (v_cond - v_uncond)
+      lo, hi = cfg_interval
+      scale = jnp.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
+      return v_uncond + scale * (v_cond - v_uncond)
 
     return _integrate(velocity, x, steps, self.solver)

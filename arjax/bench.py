@@ -1,0 +1,463 @@
+"""`bench`: time the real jitted train step or sampler of a config, count its FLOPs, report MFU.
+
+    python -m arjax bench --config=configs/digits.py --mode=train [--batch=N] [--repeats=N]
+        [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
+
+What is timed is exactly what `train` and `sample` run: `Experiment.jit_step`
+on a sharded synthetic batch of the config's shape (random pixels, labels
+cycling over the classes), or `Experiment.sampler()` with the config's sample
+settings (CFG scale and schedule, solver, ODE steps, temperature). Parameters
+are freshly initialised: the arithmetic does not depend on their values.
+
+Every call is followed by `jax.block_until_ready`, so a time is one call's
+device time plus its dispatch. The first call (trace + compile + one run) is
+reported apart as `compile_s`.
+
+FLOPs are counted analytically (`analytic_flops`, matmuls only: they are what
+the accelerator's matrix units run, and what "MFU" conventionally divides) and
+set against a peak this command measures itself, on the same devices, with a
+large matmul of the compute dtype. For the train step, XLA's own count
+(`cost_analysis()` of the compiled step) is reported beside the analytic one.
+The sampler has none: its decode and ODE loops are XLA while loops, whose
+bodies cost analysis counts once rather than once per iteration. On CPU, XLA's
+count is the analytic one plus ~1-5% of elementwise work (tests/test_bench.py
+pins this down). On GPU it is only a lower bound: XLA:GPU emits many matmuls as
+cuBLAS custom calls (`__cublas$lt$matmul`), to which its cost analysis assigns
+no FLOPs (seen on an H100: 0.68x the analytic count for digits, 0.04x for
+imagenet256 in bf16), so trust the analytic count there.
+
+The report (JSON; `run` returns it as a dict):
+  mode, config, command, date         what ran, when (UTC), from which command line
+  jax_version, backend, device_kind, device_count, process_count, mesh_shape
+  compute_dtype, batch_size, num_tokens, repeats, warmup
+  compile_s                           first call: trace + compile + one run
+  median_s, min_s, max_s, times_s     seconds per timed call
+  images_per_s, tokens_per_s          batch_size (x num_tokens) / median_s
+  flops_per_call                      analytic model FLOPs = flops_backbone + flops_head
+  xla_flops_per_device                train: XLA's count for one device's program; else null
+  xla_flops_per_call                  that times device_count
+  achieved_flops_per_s                flops_per_call / median_s
+  peak_flops_per_s                    {'float32', 'bfloat16'}: measured, all devices together
+                                      (bfloat16 null on CPU). float32 uses JAX's default
+                                      matmul precision, as the model does: TF32 on GPUs
+  peak_dtype, mfu                     the peak used (compute dtype where measured), and
+                                      achieved_flops_per_s / that peak
+  peak_memory_bytes                   max over devices of peak_bytes_in_use; null on CPU
+  profile_dir                         where --profile wrote the trace of the timed calls
+  train only: batch_mul; sample only: cfg_scale, cfg_schedule, cfg_interval, guided,
+  num_steps, solver, temperature, ode_evaluations
+"""
+import contextlib
+import copy
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from arjax import configs, sharding, tokenizers
+from arjax.models import layers
+
+MODES = ("train", "sample")
+
+# The flow head's sinusoidal time-embedding size (`timestep_embedding(t, 256)` in
+# arjax/models/heads/flow.py): the input width of its first time-MLP layer.
+TIME_EMBED_DIM = 256
+
+# Per-device side of the square matmul that measures the peak. Accelerators need a
+# large one to reach their matrix units' throughput; 512 already saturates a CPU
+# core's vector units, and keeps the measurement under a second on small CPUs.
+_PEAK_MATMUL_SIZE = {"cpu": 512}
+_PEAK_MATMUL_SIZE_DEFAULT = 8192
+
+
+# -----------------------------------------------------------------------------
+# Analytic FLOP count.
+
+
+def _matmul(rows: int, fan_in: int, fan_out: int) -> int:
+  """FLOPs of [rows, fan_in] @ [fan_in, fan_out]: one multiply and one add per MAC."""
+  return 2 * rows * fan_in * fan_out
+
+
+def _backbone_blocks(rows: int, keys: int, width: int, hidden: int, depth: int) -> int:
+  """`depth` decoder blocks over `rows` (= batch x positions) queries, each attending to `keys` keys.
+
+  Per block: q, k, v and out projections (W x W each); attention scores q.k^T
+  and probs.v (heads x head_dim = W per key, both computed in full under the
+  causal mask, as the implementation does); SwiGLU gate, up (W x hidden) and
+  down (hidden x W).
+  """
+  projections = 4 * _matmul(rows, width, width)
+  attention = 2 * _matmul(rows, width, keys)
+  mlp = 2 * _matmul(rows, width, hidden) + _matmul(rows, hidden, width)
+  return depth * (projections + attention + mlp)
+
+
+def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int):
+  """One head-network evaluation on `rows` rows -> (FLOPs of layers fed by data, of all others).
+
+  Layers: time MLP (256 -> Wh -> Wh), cond projection (W -> Wh), input
+  projection (D -> Wh); per residual block the AdaLN modulation (Wh -> 3 Wh),
+  fc1 and fc2 (Wh -> Wh); final modulation (Wh -> 2 Wh) and output (Wh -> D).
+  The first time-MLP layer and the input projection read data (t's embedding,
+  x_t) that no parameter influences; backprop needs no gradient of their inputs.
+  """
+  data_fed = _matmul(rows, TIME_EMBED_DIM, width) + _matmul(rows, token_dim, width)
+  others = (_matmul(rows, width, width) + _matmul(rows, cond_width, width)
+            + depth * (_matmul(rows, width, 3 * width) + 2 * _matmul(rows, width, width))
+            + _matmul(rows, width, 2 * width) + _matmul(rows, width, token_dim))
+  return data_fed, others
+
+
+def is_guided(config) -> bool:
+  """Whether sampling runs CFG: the rule of `Sampler.__call__` (a ramp to 1 is the constant 1)."""
+  return config.sample.cfg_scale != 1.0
+
+
+def ode_evaluations(num_steps: int, solver: str) -> int:
+  """Head evaluations per token that the ODE solver needs: Euler 1 per step; Heun 2 per step,
+  but only 1 in the last step, which keeps the Euler value."""
+  return num_steps if solver == "euler" else 2 * num_steps - 1
+
+
+def analytic_flops(config, mode: str, batch_size: int) -> dict:
+  """Model FLOPs of one call of the train step or sampler: {'backbone', 'head', 'total'}.
+
+  Notation: B batch, T tokens of dim D, P class-prefix tokens, W / L backbone
+  width / depth, Hd its SwiGLU hidden, Wh / Lh head width / depth, M = head.batch_mul.
+  Matmuls only (2 FLOPs per multiply-add); norms, softmax, activations, the
+  loss and the optimizer are elementwise and left out.
+
+  train: the teacher-forced backbone over S = P + T - 1 positions (keys = S),
+    with token_in on the T - 1 fed tokens; the head net on B * T * M rows.
+    Backward = 2 x forward (gradients of each matmul's input and weight),
+    except token_in and the head's input projection and first time layer,
+    whose inputs are data: only their weight gradient (1 x forward).
+  sample: with CFG (scale != 1) every row is doubled, B' = 2B, else B' = B.
+    Prefill of the P class tokens, then T - 1 decode steps that feed the
+    tokens x_0 .. x_{T-2} (one position each); every query attends to the
+    whole KV cache of P + T positions (masked, computed in full). The head net
+    runs on B' rows, T tokens x `ode_evaluations` times.
+
+  The sampler as implemented runs slightly more than these model FLOPs: it
+  also feeds the last token (whose z is never used), and Heun's last step
+  evaluates the correction that `jnp.where` then discards; those are waste,
+  which MFU by convention does not credit.
+  """
+  m, h = config.model, config.head
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  d, t = tokenizer.token_dim, tokenizer.num_tokens
+  p, w = m.num_class_tokens, m.width
+  hidden = layers.swiglu_hidden(w, m.mlp_ratio)
+  if mode == "train":
+    seq = p + t - 1
+    blocks = _backbone_blocks(batch_size * seq, seq, w, hidden, m.depth)
+    token_in = _matmul(batch_size * (t - 1), d, w)
+    backbone = 3 * blocks + 2 * token_in
+    data_fed, others = _head_net(batch_size * t * h.batch_mul, d, w, h.width, h.depth)
+    head = 2 * data_fed + 3 * others
+  elif mode == "sample":
+    s = config.sample
+    rows = batch_size * (2 if is_guided(config) else 1)
+    cache = p + t
+    backbone = (_backbone_blocks(rows * p, cache, w, hidden, m.depth)
+                + _backbone_blocks(rows * (t - 1), cache, w, hidden, m.depth)
+                + _matmul(rows * (t - 1), d, w))
+    evals = rows * t * ode_evaluations(s.num_steps, s.solver)
+    head = sum(_head_net(evals, d, w, h.width, h.depth))
+  else:
+    raise ValueError(f"mode={mode!r}; known: {MODES}")
+  return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
+
+
+# -----------------------------------------------------------------------------
+# Measurements.
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs XLA's cost analysis counts for a compiled program (per device under SPMD), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (backends may not implement it)
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def peak_memory_bytes() -> Optional[int]:
+  """Largest `peak_bytes_in_use` over the local devices, None where the backend keeps no stats (CPU)."""
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def measure_peak_flops(dtype, size: Optional[int] = None, repeats: int = 10) -> Optional[float]:
+  """FLOP/s of all devices together on one [size, size] @ [size, size] matmul per device.
+
+  The matmuls form one program sharded over every device, so the peak counts
+  exactly the devices the benchmark uses, and devices that share hardware
+  (CPU devices simulated with --xla_force_host_platform_device_count) share it
+  here too. Best of `repeats` runs: a peak is the rate the hardware reaches.
+  None where the backend cannot run the dtype.
+  """
+  devices = jax.devices()
+  platform = devices[0].platform
+  size = size or _PEAK_MATMUL_SIZE.get(platform, _PEAK_MATMUL_SIZE_DEFAULT)
+  mesh = Mesh(np.asarray(devices), ("d",))
+  split = NamedSharding(mesh, P("d"))
+  n = len(devices)
+  try:
+    make = jax.jit(lambda key: jax.random.normal(key, (n, size, size), dtype), out_shardings=split)
+    a, b = make(jax.random.PRNGKey(1)), make(jax.random.PRNGKey(2))
+    matmul = jax.jit(lambda a, b: jnp.einsum("nij,njk->nik", a, b), out_shardings=split)
+    jax.block_until_ready(matmul(a, b))  # compile, and a first run off the clock
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(matmul(a, b))
+      best = min(best, time.perf_counter() - start)
+  except Exception:  # pylint: disable=broad-except  (a dtype the backend lacks)
+    return None
+  return 2.0 * n * size ** 3 / best
+
+
+def _time_calls(call, *, warmup: int, repeats: int, profile_dir: Optional[str]):
+  """Seconds of each of `repeats` device-synchronised calls, after `warmup` untimed ones."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+  times = []
+  with trace:
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def _synthetic_batch(config, batch_size: int, mesh):
+  """A global batch like the data pipeline's: images float32 in [-1, 1], int labels."""
+  d = config.data
+  local = batch_size // jax.process_count()
+  rng = np.random.default_rng(jax.process_index())
+  batch = {"image": rng.uniform(-1, 1, (local, d.image_size, d.image_size, d.channels))
+                    .astype(np.float32),
+           "label": (np.arange(local) % d.num_classes).astype(np.int32)}
+  return sharding.global_batch(batch, mesh)
+
+
+def _bench_train(exp, batch_size, warmup, repeats, profile_dir):
+  state, shardings = exp.init_state()
+  step_fn = exp.jit_step(shardings)
+  batch = _synthetic_batch(exp.config, batch_size, exp.mesh)
+
+  def call():
+    nonlocal state  # the step donates its input state: each call feeds the next its output
+    state, metrics = step_fn(state, batch)
+    return state, metrics
+
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  compile_s = time.perf_counter() - start
+  # After the first call, so that the call pays the compilation (this lowering
+  # hits jit's cache) and compile_s is what a training run's first step costs.
+  compiled_flops = xla_flops(step_fn.lower(state, batch).compile())
+  times = _time_calls(call, warmup=warmup, repeats=repeats, profile_dir=profile_dir)
+  return compile_s, times, compiled_flops
+
+
+def _init_params(exp):
+  """Parameters alone, sharded by the rules (no optimizer state: it would inflate peak memory)."""
+  _, shardings = exp.abstract_state()
+  init = jax.jit(
+      lambda rng: nn.meta.unbox(exp.model.init(rng, exp.example_tokens, exp.example_labels)["params"]),
+      out_shardings=shardings.params)
+  return init(jax.random.PRNGKey(exp.config.seed))
+
+
+def _bench_sample(exp, batch_size, warmup, repeats, profile_dir):
+  s = exp.config.sample
+  params = _init_params(exp)
+  sampler = exp.sampler()
+  labels = np.arange(batch_size) % exp.config.data.num_classes
+  rng = jax.random.PRNGKey(s.seed)
+
+  def call():
+    return sampler(params, labels, rng, cfg_scale=s.cfg_scale, cfg_schedule_name=s.cfg_schedule,
+                   temperature=s.temperature)
+
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  compile_s = time.perf_counter() - start
+  times = _time_calls(call, warmup=warmup, repeats=repeats, profile_dir=profile_dir)
+  return compile_s, times, None
+
+
+def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: int,
+        profile_dir: Optional[str], config_name: Optional[str] = None,
+        command: Optional[str] = None) -> dict:
+  """Benchmarks one mode of `config`; returns the report (fields: see the module docstring).
+
+  `config_name` and `command` only label the report (the CLI passes --config
+  and its own command line; the default command is this process's argv).
+  """
+  from arjax.train import Experiment  # pylint: disable=g-import-not-at-top  (heavy: data, orbax)
+
+  if mode not in MODES:
+    raise configs.ConfigError(f"--mode={mode!r}: known modes are {MODES}")
+  if repeats < 1 or warmup < 0:
+    raise configs.ConfigError(f"--repeats={repeats} must be >= 1 and --warmup={warmup} >= 0")
+  if batch_size is not None and batch_size <= 0:
+    raise configs.ConfigError(f"--batch={batch_size} must be > 0")
+  config = copy.deepcopy(config)
+  if mode == "train":
+    batch_size = batch_size or config.train.global_batch_size
+    # The Experiment checks the batch against the mesh; through the config it
+    # names the field, so say which flag set it.
+    config.train.global_batch_size = batch_size
+  else:
+    batch_size = batch_size or config.sample.batch_size
+  try:
+    exp = Experiment(config)
+  except configs.ConfigError as e:
+    raise configs.ConfigError(f"{e} (the benchmark's batch: --batch={batch_size})") from e
+
+  measure = _bench_train if mode == "train" else _bench_sample
+  compile_s, times, compiled_flops = measure(exp, batch_size, warmup, repeats, profile_dir)
+  memory = peak_memory_bytes()  # before the peak matmuls below allocate their own
+
+  median = statistics.median(times)
+  num_tokens = exp.tokenizer.num_tokens
+  flops = analytic_flops(config, mode, batch_size)
+  achieved = flops["total"] / median
+  peaks = {"float32": measure_peak_flops(jnp.float32)}
+  # XLA:CPU converts bf16 dot operands to f32 and runs an f32 dot (slower than f32 alone):
+  # a bf16 "peak" there would measure that conversion, not bf16 hardware.
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peaks["bfloat16"] = None if on_cpu else measure_peak_flops(jnp.bfloat16)
+  peak_dtype = config.model.dtype if peaks.get(config.model.dtype) else "float32"
+  peak = peaks[peak_dtype]
+  devices = jax.devices()
+  report = {
+      "mode": mode,
+      "config": config_name,
+      "command": command if command is not None else shlex.join(sys.argv),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__,
+      "backend": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "process_count": jax.process_count(),
+      "mesh_shape": dict(exp.mesh.shape),
+      "compute_dtype": config.model.dtype,
+      "batch_size": batch_size,
+      "num_tokens": num_tokens,
+      "repeats": repeats,
+      "warmup": warmup,
+      "compile_s": compile_s,
+      "median_s": median,
+      "min_s": min(times),
+      "max_s": max(times),
+      "times_s": times,
+      "images_per_s": batch_size / median,
+      "tokens_per_s": batch_size * num_tokens / median,
+      "flops_per_call": flops["total"],
+      "flops_backbone": flops["backbone"],
+      "flops_head": flops["head"],
+      # XLA counts the partitioned program of one device; times the device count
+      # it is the whole mesh's (pure data parallelism repeats the optimizer on each).
+      # A lower bound on GPU (see the module docstring).
+      "xla_flops_per_device": compiled_flops,
+      "xla_flops_per_call": None if compiled_flops is None else compiled_flops * len(devices),
+      "achieved_flops_per_s": achieved,
+      "peak_flops_per_s": peaks,
+      "peak_dtype": peak_dtype,
+      "mfu": None if not peak else achieved / peak,
+      "peak_memory_bytes": memory,
+      "profile_dir": profile_dir,
+  }
+  if mode == "train":
+    report["batch_mul"] = config.head.batch_mul
+  else:
+    s = config.sample
+    report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
+                  cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
+                  num_steps=s.num_steps, solver=s.solver, temperature=s.temperature,
+                  ode_evaluations=ode_evaluations(s.num_steps, s.solver))
+  return report
+
+
+# -----------------------------------------------------------------------------
+# Output.
+
+
+def report_path(mode: str, out: Optional[str], workdir: Optional[str]) -> Optional[str]:
+  """--out if given, else workdir/bench_<mode>.json if a workdir is given, else None (print only)."""
+  if out:
+    return out
+  if workdir:
+    return os.path.join(workdir, f"bench_{mode}.json")
+  return None
+
+
+def write_report(report: dict, path: str) -> None:
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+    f.write("\n")
+
+
+def _si(value: Optional[float], unit: str) -> str:
+  if value is None:
+    return "n/a"
+  for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= scale:
+      return f"{value / scale:.3g} {prefix}{unit}"
+  return f"{value:.3g} {unit}"
+
+
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:.3g} ms"
+
+
+def format_table(r: dict) -> str:
+  """A compact human summary of a report."""
+  xla = r["xla_flops_per_call"]
+  xla_text = "" if xla is None else f", XLA {_si(xla, 'FLOP')} (x{xla / r['flops_per_call']:.3f})"
+  mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}%"
+  what = (f"batch {r['batch_size']}" if r["mode"] == "train" else
+          f"batch {r['batch_size']}, {r['solver']} {r['num_steps']} steps, cfg {r['cfg_scale']}")
+  rows = [
+      f"bench {r['mode']}  {r['config'] or ''}  {what}",
+      f"  device      {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax_version']}",
+      f"  compile     {r['compile_s']:.3g} s (first call)",
+      f"  per call    median {_ms(r['median_s'])}  min {_ms(r['min_s'])}  max {_ms(r['max_s'])}"
+      f"  ({r['repeats']} calls after {r['warmup']} warm-up)",
+      f"  throughput  {r['images_per_s']:.4g} images/s  {r['tokens_per_s']:.4g} tokens/s",
+      f"  FLOPs/call  {_si(r['flops_per_call'], 'FLOP')} analytic{xla_text}",
+      f"  achieved    {_si(r['achieved_flops_per_s'], 'FLOP/s')}  MFU {mfu} of "
+      f"{_si(r['peak_flops_per_s'][r['peak_dtype']], 'FLOP/s')} measured {r['peak_dtype']} peak",
+      f"  peak memory {_si(r['peak_memory_bytes'], 'B')}",
+  ]
+  return "\n".join(rows)
