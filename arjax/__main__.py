@@ -58,10 +58,10 @@ def main(argv):
 
 def _run(command, config, workdir):
   import jax
-  from arjax import train
-  from arjax.train import Experiment
+  from arjax.experiment import Experiment
 
   if command == "train":
+    from arjax import train
     state = train.train_and_evaluate(config, workdir)
     print(f"trained to step {int(jax.device_get(state.step))}; checkpoints in {workdir}/checkpoints")
   elif command == "sample":
@@ -78,7 +78,8 @@ def _run(command, config, workdir):
     path = bench.report_path(_MODE.value, _OUT.value, workdir)
     if path is not None:
       # Fail before minutes of compiling and timing, not after.
-      train.check_workdir(os.path.dirname(os.path.abspath(path)))
+      from arjax.workdir import check_workdir
+      check_workdir(os.path.dirname(os.path.abspath(path)))
     report = bench.run(
         config, mode=_MODE.value, batch_size=_BATCH.value, repeats=_REPEATS.value,
         warmup=_WARMUP.value, profile_dir=_PROFILE.value,

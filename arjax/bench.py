@@ -320,7 +320,7 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
   `config_name` and `command` only label the report (the CLI passes --config
   and its own command line; the default command is this process's argv).
   """
-  from arjax.train import Experiment  # pylint: disable=g-import-not-at-top  (heavy: data, orbax)
+  from arjax.experiment import Experiment
 
   if mode not in MODES:
     raise configs.ConfigError(f"--mode={mode!r}: known modes are {MODES}")

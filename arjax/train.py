@@ -4,77 +4,27 @@ Resume precedence: a checkpoint in `workdir/checkpoints` (the newest complete
 one) > a fresh start from `config.seed`. The state holds the RNG and the
 checkpoint holds the grain iterator, so a resumed run continues bit-for-bit.
 """
-import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from arjax import checkpoint, configs, sharding, tokenizers, train_state, train_step
+from arjax import checkpoint, sharding
+from arjax.workdir import check_workdir
 from arjax.data import pipeline
+from arjax.experiment import Experiment  # noqa: F401  (re-exported: train.Experiment)
 from arjax.image_grid import save_class_grid
-from arjax.models import ar_model
 from arjax.sampling import Sampler
 
 
-def check_workdir(workdir: str) -> None:
-  """Fails early (before any training) when the workdir cannot be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise OSError(f"--workdir={workdir} is not writable: {e}") from e
-
-
-class Experiment:
-  """Everything built from a config: tokenizer, model, head, mesh, optimizer."""
-
-  def __init__(self, config, mesh=None):
-    configs.validate(config)
-    self.config = config
-    self.tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
-    self.model, self.head = ar_model.build(config, self.tokenizer)
-    self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    self.rules = sharding.rules_from_config(config.sharding)
-    self.optimizer = train_state.make_optimizer(config.train)
-    self.example_tokens = jnp.zeros((1, self.tokenizer.num_tokens, self.tokenizer.token_dim))
-    self.example_labels = jnp.zeros((1,), jnp.int32)
-    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if config.train.global_batch_size % batch_devices:
-      raise configs.ConfigError(
-          f"config.train.global_batch_size={config.train.global_batch_size} must be divisible by "
-          f"the {batch_devices} devices of the mesh's batch axes (data x fsdp)")
-
-  def init_state(self):
-    return train_state.create(self.model, self.optimizer, self.example_tokens, self.example_labels,
-                              self.config.seed, self.mesh, self.rules)
-
-  def abstract_state(self):
-    return train_state.abstract_state(self.model, self.optimizer, self.example_tokens,
-                                      self.example_labels, self.mesh, self.rules)
-
-  def jit_step(self, state_shardings):
-    return train_step.jit_train_step(
-        state_shardings, self.mesh, model=self.model, head=self.head, tokenizer=self.tokenizer,
-        optimizer=self.optimizer, config=self.config)
-
-  def sampler(self) -> Sampler:
-    s = self.config.sample
-    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver,
-                   cfg_interval=tuple(s.cfg_interval))
-
-  def train_iterator(self):
-    c = self.config
-    return pipeline.make_train_iterator(
-        c.data, global_batch_size=c.train.global_batch_size, seed=c.data.shuffle_seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+def train_iterator(config):
+  """This process's share of the training batches (a checkpointable grain iterator)."""
+  return pipeline.make_train_iterator(
+      config.data, global_batch_size=config.train.global_batch_size, seed=config.data.shuffle_seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _write_grid(exp: Experiment, sampler: Sampler, params, step: int, workdir: str) -> str:
@@ -97,7 +47,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   pipeline.prepare(c.data.name, c.data.data_dir)
-  data_iter = exp.train_iterator()
+  data_iter = train_iterator(c)
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints,
                                  save_every=c.train.checkpoint_every)
   if ckpt.latest_step() is not None:

@@ -40,7 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # 'causal': raster-order decoder with a KV cache.
   config.model.family = "causal"
   config.model.width = 128
-  config.model.depth = 4
+  config.model.depth = 6
   config.model.num_heads = 4
   config.model.mlp_ratio = 4.0
   # Learned prefix vectors per class (the null class has its own).
@@ -102,9 +102,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.sample.num_images = 1000
   # Comma-separated class ids cycled over the images; '' = equal share of every class.
   config.sample.labels = ""
-  config.sample.cfg_scale = 1.0
-  # 'constant', or 'linear': ramps 1 -> cfg_scale over token positions.
-  config.sample.cfg_schedule = "constant"
+  # Classifier-free guidance on the velocity; 1 = none.
+  config.sample.cfg_scale = 3.0
+  # 'constant', or 'linear': ramps 1 -> cfg_scale over token positions (early tokens
+  # unguided keep the variety of strokes, late ones guided keep the class).
+  config.sample.cfg_schedule = "linear"
   # Guidance acts only while the ODE time t (1 = noise, 0 = data) lies in this interval.
   config.sample.cfg_interval = (0.0, 1.0)
   # Scale of the initial noise of each token's ODE.

@@ -8,7 +8,6 @@ A patch's channels-last pixels are flattened (row, column, channel) into D = p*p
 """
 import dataclasses
 
-import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Everything a config builds for compute: tokenizer, model, head, mesh, rules, optimizer.
+
+Kept apart from the training loop so that code which only computes (the
+sampler, `bench`, notebooks) needs no data pipeline or checkpoint stack.
+"""
+import jax.numpy as jnp
+
+from arjax import configs, sharding, tokenizers, train_state, train_step
+from arjax.models import ar_model
+from arjax.sampling import Sampler
+
+
+class Experiment:
+  """Everything built from a config: tokenizer, model, head, mesh, optimizer."""
+
+  def __init__(self, config, mesh=None):
+    configs.validate(config)
+    self.config = config
+    self.tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
+    self.model, self.head = ar_model.build(config, self.tokenizer)
+    self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    self.rules = sharding.rules_from_config(config.sharding)
+    self.optimizer = train_state.make_optimizer(config.train)
+    self.example_tokens = jnp.zeros((1, self.tokenizer.num_tokens, self.tokenizer.token_dim))
+    self.example_labels = jnp.zeros((1,), jnp.int32)
+    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if config.train.global_batch_size % batch_devices:
+      raise configs.ConfigError(
+          f"config.train.global_batch_size={config.train.global_batch_size} must be divisible by "
+          f"the {batch_devices} devices of the mesh's batch axes (data x fsdp)")
+
+  def init_state(self):
+    return train_state.create(self.model, self.optimizer, self.example_tokens, self.example_labels,
+                              self.config.seed, self.mesh, self.rules)
+
+  def abstract_state(self):
+    return train_state.abstract_state(self.model, self.optimizer, self.example_tokens,
+                                      self.example_labels, self.mesh, self.rules)
+
+  def jit_step(self, state_shardings):
+    return train_step.jit_train_step(
+        state_shardings, self.mesh, model=self.model, head=self.head, tokenizer=self.tokenizer,
+        optimizer=self.optimizer, config=self.config)
+
+  def sampler(self) -> Sampler:
+    s = self.config.sample
+    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver,
+                   cfg_interval=tuple(s.cfg_interval))
