@@ -63,7 +63,8 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
     assert r["xla_flops_per_call"] == r["xla_flops_per_device"] * r["device_count"]
   else:
     assert r["xla_flops_per_call"] is None
-    assert r["guided"] is False and r["ode_evaluations"] == 2 * config.sample.num_steps - 1
+    assert r["guided"] is (config.sample.cfg_scale != 1.0)
+    assert r["ode_evaluations"] == 2 * config.sample.num_steps - 1
 
 
 def _hlo_dot_flops(hlo_text: str) -> int:
