@@ -1,6 +1,7 @@
 """Every shipped config validates and builds; bad configs fail at start, naming the field."""
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 import pytest
 
@@ -21,6 +22,12 @@ def test_shipped_config_validates_and_builds_its_model(name):
   y = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, y))["params"]
   assert params["backbone"]["pos_embed"].value.shape[1] == config.model.width
+  # Every parameter carries logical axis names, one per dimension, all known to the rules table.
+  boxed = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  known = {name for name, _ in config.sharding.rules}
+  for leaf in boxed:
+    assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+    assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= known, leaf.names
 
 
 def _digits():
