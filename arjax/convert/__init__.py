@@ -1,0 +1,1 @@
+"""Importers: official PyTorch checkpoints (exact state_dict names) -> arjax parameters."""
