@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.convert import state_dict as state_dict_lib
 from arjax.models.heads.mar_mlp import MarMLPAdaLN
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -93,29 +94,10 @@ def diffloss_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
   except ValueError as e:
     raise ValueError(f"DiffLoss state_dict (prefix {prefix!r}) is not a SimpleMLPAdaLN: {e}; "
                      f"keys present: {sorted(given)}") from None
-  expected = _expected(net)
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = sorted(
-      f"{prefix}{k}: got {tuple(np.shape(given[k]))}, expected {expected[k][1]}"
-      for k in set(given) & set(expected) if tuple(np.shape(given[k])) != expected[k][1])
-  if missing or unexpected or misshaped:
-    dims = (f"MarMLPAdaLN(in_channels={net.in_channels}, model_channels={net.model_channels}, "
-            f"z_channels={net.z_channels}, num_res_blocks={net.num_res_blocks}, "
-            f"learn_sigma={net.learn_sigma})")
-    lines = [f"DiffLoss state_dict (prefix {prefix!r}) does not match {dims}:"]
-    lines += [f"  missing: {prefix}{k}" for k in missing]
-    lines += [f"  unexpected: {prefix}{k}" for k in unexpected]
-    lines += [f"  mis-shaped: {k}" for k in misshaped]
-    raise ValueError("\n".join(lines))
-
-  params = {}
-  for name, (flax_path, _, dtype) in expected.items():
-    value = np.asarray(given[name])
-    if flax_path[-1] == "kernel":
-      value = value.T  # torch Linear (out, in) -> flax Dense (in, out).
-    node = params
-    for part in flax_path[:-1]:
-      node = node.setdefault(part, {})
-    node[flax_path[-1]] = jnp.asarray(value, dtype=dtype)
-  return params
+  dims = (f"MarMLPAdaLN(in_channels={net.in_channels}, model_channels={net.model_channels}, "
+          f"z_channels={net.z_channels}, num_res_blocks={net.num_res_blocks}, "
+          f"learn_sigma={net.learn_sigma})")
+  # torch Linear (out, in) -> flax Dense (in, out).
+  return state_dict_lib.to_params(
+      given, _expected(net), what=f"DiffLoss state_dict (prefix {prefix!r}) does not match {dims}",
+      kernel_layout=lambda w: w.T, key_prefix=prefix)

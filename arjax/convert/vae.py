@@ -20,9 +20,9 @@ import re
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from arjax.convert import state_dict as state_dict_lib
 from arjax.tokenizers import kl_vae
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -73,28 +73,9 @@ def vae_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
   expected = _expected(config)
   given = {k: v for k, v in state_dict.items()
            if not any(k.startswith(p) for p in ignore_prefixes)}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = sorted(
-      f"{k}: got {tuple(np.shape(given[k]))}, expected {expected[k][1]}"
-      for k in set(given) & set(expected) if tuple(np.shape(given[k])) != expected[k][1])
-  if missing or unexpected or misshaped:
-    lines = [f"VAE state_dict does not match {config}:"]
-    lines += [f"  missing: {k}" for k in missing]
-    lines += [f"  unexpected: {k}" for k in unexpected]
-    lines += [f"  mis-shaped: {k}" for k in misshaped]
-    raise ValueError("\n".join(lines))
-
-  params = {}
-  for name, (flax_path, _, dtype) in expected.items():
-    value = np.asarray(given[name])
-    if flax_path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
-    node = params
-    for part in flax_path[:-1]:
-      node = node.setdefault(part, {})
-    node[flax_path[-1]] = jnp.asarray(value, dtype=dtype)
-  return params
+  return state_dict_lib.to_params(
+      given, expected, what=f"VAE state_dict does not match {config}",
+      kernel_layout=lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO.
 
 
 def load_state_dict(path, prefix: str = "") -> dict:
