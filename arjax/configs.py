@@ -14,8 +14,63 @@ _pos = lambda v: v > 0
 _nonneg = lambda v: v >= 0
 _prob = lambda v: 0.0 <= v < 1.0
 
-# dotted key -> (types, predicate or None, what the predicate demands)
-SCHEMA: Dict[str, Tuple[tuple, Callable[[Any], bool], str]] = {
+Schema = Dict[str, Tuple[tuple, Callable[[Any], bool], str]]
+
+# The fields that depend on a choice: the chosen variant's fields are required, the
+# others' unknown (a causal config carrying `model.buffer_size` is a mistake).
+TOKENIZER_SCHEMAS: Dict[str, Schema] = {
+    "patchify": {
+        "tokenizer.patch_size": ((int,), _pos, "> 0"),
+        "tokenizer.scale": ((float, int), _pos, "> 0"),
+    },
+}
+
+MODEL_SCHEMAS: Dict[str, Schema] = {
+    # Raster-order decoder with a KV cache (arjax/models/causal.py).
+    "causal": {
+        "model.width": ((int,), _pos, "> 0"),
+        "model.depth": ((int,), _pos, "> 0"),
+        "model.num_heads": ((int,), _pos, "> 0"),
+        "model.mlp_ratio": ((float, int), _pos, "> 0"),
+        "model.num_class_tokens": ((int,), _pos, "> 0"),
+    },
+    # MAR's masked encoder-decoder in random order (arjax/models/mar.py).
+    "mar": {
+        "model.encoder_width": ((int,), _pos, "> 0"),
+        "model.encoder_depth": ((int,), _pos, "> 0"),
+        "model.encoder_heads": ((int,), _pos, "> 0"),
+        "model.decoder_width": ((int,), _pos, "> 0"),
+        "model.decoder_depth": ((int,), _pos, "> 0"),
+        "model.decoder_heads": ((int,), _pos, "> 0"),
+        "model.mlp_ratio": ((float, int), _pos, "> 0"),
+        "model.buffer_size": ((int,), _pos, "> 0"),
+        "model.norm_eps": ((float,), _pos, "> 0"),
+        "model.mask_ratio_min": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        "model.mask_buckets": ((int,), _pos, "> 0"),
+    },
+}
+
+HEAD_SCHEMAS: Dict[str, Schema] = {
+    # Flow matching on the linear path (arjax/models/heads/flow.py).
+    "flow": {
+        "head.t_mean": ((float, int), None, ""),
+        "head.t_std": ((float, int), _pos, "> 0"),
+    },
+    # MAR's DiffLoss: DDPM, cosine schedule, eps + learned-range variance.
+    "mar_diffusion": {
+        "head.num_timesteps": ((int,), _pos, "> 0"),
+        "head.noise_schedule": ((str,), lambda v: v in ("cosine", "linear"), "'cosine' or 'linear'"),
+    },
+}
+
+# Sampler fields only the masked (MAR) family has.
+MASKED_SAMPLE_SCHEMA: Schema = {
+    "sample.num_iter": ((int,), _pos, "> 0"),
+    "sample.kept_buckets": ((int,), _pos, "> 0"),
+}
+
+# dotted key -> (types, predicate or None, what the predicate demands); always required.
+SCHEMA: Schema = {
     "seed": ((int,), None, ""),
     "data.name": ((str,), None, ""),
     "data.data_dir": ((str, type(None)), None, ""),
@@ -27,23 +82,14 @@ SCHEMA: Dict[str, Tuple[tuple, Callable[[Any], bool], str]] = {
     "data.shuffle_seed": ((int,), None, ""),
     "data.random_flip": ((bool,), None, ""),
     "data.worker_count": ((int,), _nonneg, ">= 0"),
-    "tokenizer.name": ((str,), lambda v: v in ("patchify",), "'patchify'"),
-    "tokenizer.patch_size": ((int,), _pos, "> 0"),
-    "tokenizer.scale": ((float, int), _pos, "> 0"),
-    "model.family": ((str,), lambda v: v in ("causal",), "'causal'"),
-    "model.width": ((int,), _pos, "> 0"),
-    "model.depth": ((int,), _pos, "> 0"),
-    "model.num_heads": ((int,), _pos, "> 0"),
-    "model.mlp_ratio": ((float, int), _pos, "> 0"),
-    "model.num_class_tokens": ((int,), _pos, "> 0"),
+    "tokenizer.name": ((str,), lambda v: v in TOKENIZER_SCHEMAS, f"one of {sorted(TOKENIZER_SCHEMAS)}"),
+    "model.family": ((str,), lambda v: v in MODEL_SCHEMAS, f"one of {sorted(MODEL_SCHEMAS)}"),
     "model.label_drop": ((float, int), _prob, "in [0, 1)"),
     "model.dtype": ((str,), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
-    "head.name": ((str,), lambda v: v in ("flow",), "'flow'"),
+    "head.name": ((str,), lambda v: v in HEAD_SCHEMAS, f"one of {sorted(HEAD_SCHEMAS)}"),
     "head.width": ((int,), _pos, "> 0"),
     "head.depth": ((int,), _pos, "> 0"),
     "head.batch_mul": ((int,), _pos, "> 0"),
-    "head.t_mean": ((float, int), None, ""),
-    "head.t_std": ((float, int), _pos, "> 0"),
     "train.global_batch_size": ((int,), _pos, "> 0"),
     "train.num_steps": ((int,), _pos, "> 0"),
     "train.learning_rate": ((float, int), _pos, "> 0"),
@@ -88,29 +134,53 @@ def _flatten(config, prefix=""):
       yield name, value
 
 
+def _check(name: str, value, rule) -> None:
+  types, check, demand = rule
+  if isinstance(value, bool) and bool not in types:
+    raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}")
+  if not isinstance(value, types):
+    raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}, "
+                      f"got {type(value).__name__}")
+  if check is not None and not check(value):
+    raise ConfigError(f"config.{name}={value!r}: must be {demand}")
+
+
+def schema_for(config) -> Schema:
+  """The always-required fields plus those of the chosen tokenizer, model family and head."""
+  flat = dict(_flatten(config))
+  for selector in ("tokenizer.name", "model.family", "head.name"):
+    if selector not in flat:
+      raise ConfigError(f"config.{selector}: missing")
+    _check(selector, flat[selector], SCHEMA[selector])
+  schema = dict(SCHEMA)
+  schema.update(TOKENIZER_SCHEMAS[flat["tokenizer.name"]])
+  schema.update(MODEL_SCHEMAS[flat["model.family"]])
+  schema.update(HEAD_SCHEMAS[flat["head.name"]])
+  if flat["model.family"] == "mar":
+    schema.update(MASKED_SAMPLE_SCHEMA)
+  return schema
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field (unknown keys included)."""
+  schema = schema_for(config)
   flat = dict(_flatten(config))
   for name in flat:
-    if name not in SCHEMA:
+    if name not in schema:
       raise ConfigError(f"config.{name}: unknown key (known keys of that section: "
-                        f"{sorted(k for k in SCHEMA if k.rsplit('.', 1)[0] == name.rsplit('.', 1)[0])})")
-  for name, (types, check, demand) in SCHEMA.items():
+                        f"{sorted(k for k in schema if k.rsplit('.', 1)[0] == name.rsplit('.', 1)[0])})")
+  for name, rule in schema.items():
     if name not in flat:
       raise ConfigError(f"config.{name}: missing")
-    value = flat[name]
-    if isinstance(value, bool) and bool not in types:
-      raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}")
-    if not isinstance(value, types):
-      raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}, "
-                        f"got {type(value).__name__}")
-    if check is not None and not check(value):
-      raise ConfigError(f"config.{name}={value!r}: must be {demand}")
+    _check(name, flat[name], rule)
   m = config.model
-  if m.width % m.num_heads:
-    raise ConfigError(f"config.model.width={m.width} must be divisible by "
-                      f"config.model.num_heads={m.num_heads}")
-  if config.data.image_size % config.tokenizer.patch_size:
+  heads = ((("width", "num_heads"),) if m.family == "causal" else
+           (("encoder_width", "encoder_heads"), ("decoder_width", "decoder_heads")))
+  for width, num_heads in heads:
+    if m[width] % m[num_heads]:
+      raise ConfigError(f"config.model.{width}={m[width]} must be divisible by "
+                        f"config.model.{num_heads}={m[num_heads]}")
+  if config.tokenizer.name == "patchify" and config.data.image_size % config.tokenizer.patch_size:
     raise ConfigError(f"config.tokenizer.patch_size={config.tokenizer.patch_size} must divide "
                       f"config.data.image_size={config.data.image_size}")
   if config.train.warmup_steps > config.train.num_steps:

@@ -17,7 +17,7 @@ class Experiment:
     configs.validate(config)
     self.config = config
     self.tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
-    self.model, self.head = ar_model.build(config, self.tokenizer)
+    self.model, self.head, self.loss_fn = ar_model.build(config, self.tokenizer)
     self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     self.rules = sharding.rules_from_config(config.sharding)
     self.optimizer = train_state.make_optimizer(config.train)
@@ -39,7 +39,7 @@ class Experiment:
 
   def jit_step(self, state_shardings):
     return train_step.jit_train_step(
-        state_shardings, self.mesh, model=self.model, head=self.head, tokenizer=self.tokenizer,
+        state_shardings, self.mesh, loss_fn=self.loss_fn, tokenizer=self.tokenizer,
         optimizer=self.optimizer, config=self.config)
 
   def sampler(self) -> Sampler:

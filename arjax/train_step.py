@@ -2,35 +2,17 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from arjax import sharding
-from arjax.models.ar_model import ARModel
 from arjax.train_state import TrainState, ema_decay_at, learning_rate_schedule
 
 
-def drop_labels(labels, rng, rate: float, null_class: int):
-  """Replaces a `rate` share of labels by the null class (classifier-free guidance training)."""
-  drop = jax.random.uniform(rng, labels.shape) < rate
-  return jnp.where(drop, null_class, labels)
-
-
-def loss_fn(params, model, head, tokens, labels, rng):
-  """Mean flow-matching loss over every token of the batch."""
-  z = model.apply({"params": params}, tokens, labels, method=ARModel.condition)
-  b, t, d = tokens.shape
-  net_fn = lambda x_t, tt, zz: model.apply({"params": params}, x_t, tt, zz, method=ARModel.head_net)
-  per_token = head.loss(net_fn, tokens.reshape(b * t, d), z.reshape(b * t, -1), rng)
-  return per_token.mean()
-
-
-def train_step(state: TrainState, batch, *, model, head, tokenizer, optimizer, config):
+def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, config):
+  """loss_fn(params, tokens, labels, rng) -> scalar: the model family's objective."""
   rng = jax.random.fold_in(state.rng, state.step)
-  drop_rng, head_rng = jax.random.split(rng)
   tokens = tokenizer.encode(batch["image"])
-  labels = drop_labels(batch["label"], drop_rng, config.model.label_drop, config.data.num_classes)
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, model, head, tokens, labels, head_rng)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, batch["label"], rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, config.train.ema_decay)

@@ -17,7 +17,7 @@ def test_shipped_config_validates_and_builds_its_model(name):
   config = configs.load(str(REPO_ROOT / "configs" / name))
   configs.validate(config)
   tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
-  model, _ = ar_model.build(config, tok)
+  model, _, _ = ar_model.build(config, tok)
   x = jnp.zeros((2, tok.num_tokens, tok.token_dim), jnp.float32)
   y = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, y))["params"]

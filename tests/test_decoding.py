@@ -19,7 +19,7 @@ def built():
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.model.num_class_tokens = 2
   tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
-  model, head = ar_model.build(config, tok)
+  model, head, _ = ar_model.build(config, tok)
   x = jnp.zeros((1, tok.num_tokens, tok.token_dim))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), x, jnp.zeros((1,), jnp.int32))["params"])
   # The head's output layers start at zero; perturb every parameter so all of them matter.

@@ -21,8 +21,10 @@ per row, buffer excluded) is a static argument and the kept rows are gathered wi
 `take_along_axis` over a stable sort of the mask: a stable argsort of the 0/1 mask lists
 the unmasked positions first, in increasing position order, which is exactly the
 row-major `nonzero` order MAR uses. So one compilation serves every mask with the same
-count, and the numbers equal MAR's. Like MAR, every row must mask the same number of
-tokens.
+count, and the numbers equal MAR's. Unlike MAR, rows may keep different numbers of
+tokens, and `num_kept` may exceed them: the surplus rows are padding, hidden from attention
+by a key mask, so a handful of padded sizes serve every mask ratio (training buckets,
+`arjax.models.masked_ar`; sampler segments, `arjax.mar_sampling`).
 
 Label dropout (MAR draws it inside `forward_mae_encoder` in training mode) is an explicit
 `drop_labels` argument here, so the randomness lives with the caller.
@@ -79,7 +81,8 @@ class ViTAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, key_mask=None):
+    """x [B, N, D]; key_mask [B, N] (True = attend) hides padding rows from every query."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     # q/k/v = rows [0:D], [D:2D], [2D:3D] of timm's fused qkv Linear (split by the converter).
@@ -89,6 +92,8 @@ class ViTAttention(nn.Module):
         bias_init=layers.zeros_init(("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, N, H, Dh]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     # timm concatenates heads (feature h*Dh + d) before `proj`.
@@ -118,10 +123,10 @@ class ViTBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, key_mask=None):
     width = x.shape[-1]
     x = x + ViTAttention(self.num_heads, dtype=self.dtype, name="attn")(
-        _norm(self.norm_eps, self.dtype, "norm1")(x))
+        _norm(self.norm_eps, self.dtype, "norm1")(x), key_mask)
     x = x + ViTMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
         _norm(self.norm_eps, self.dtype, "norm2")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -210,9 +215,13 @@ class MarBackbone(nn.Module):
 
     Args:
       x: tokens [B, L, token_dim].
-      mask: [B, L], nonzero/True = masked (dropped). Every row must keep `num_kept` tokens.
+      mask: [B, L], nonzero/True = masked (dropped). No row may keep more than `num_kept`.
       class_embedding: [B, D_enc] (see `class_embedding`), written into every buffer row.
-      num_kept: static count of unmasked tokens per row (buffer rows not counted).
+      num_kept: static number of encoder rows for image tokens (buffer rows not counted):
+        at least the unmasked count of every row. Rows beyond a row's unmasked count are
+        masked tokens used as padding; no query attends to them and the decoder never
+        reads them back, so any `num_kept` >= the count gives the same z (a few padded
+        sizes then serve every mask; see `arjax.models.masked_ar`).
     """
     batch = x.shape[0]
     if x.shape[1] != self.seq_len or mask.shape != (batch, self.seq_len):
@@ -227,12 +236,13 @@ class MarBackbone(nn.Module):
     h = h + self.encoder_pos_embed_learned[None].astype(h.dtype)
     h = self.z_proj_ln(h)
     self.sow("intermediates", "enc_z_proj_ln", h)
-    _, order = _kept_order(mask, self.buffer_size)
+    with_buffer, order = _kept_order(mask, self.buffer_size)
     kept = order[:, : self.buffer_size + num_kept]
     h = jnp.take_along_axis(h, kept[:, :, None], axis=1)
+    real = ~jnp.take_along_axis(with_buffer, kept, axis=1)
     self.sow("intermediates", "enc_blocks_in", h)
     for i, block in enumerate(self.encoder_blocks):
-      h = block(h)
+      h = block(h, real)
       self.sow("intermediates", f"enc_block{i}", h)
     h = self.encoder_norm(h)
     self.sow("intermediates", "encoder", h)
@@ -241,7 +251,8 @@ class MarBackbone(nn.Module):
   def decode(self, h, mask):
     """`forward_mae_decoder`: encoder output [B, buffer + num_kept, D_enc] -> z [B, L, D_dec].
 
-    The kept count is read off `h.shape[1]` (static); `mask` must keep that many per row.
+    Row r of `h` past the buffer is the r-th unmasked position; rows past a row's unmasked
+    count (padding, see `encode`) are never read.
     """
     batch, num_rows, _ = h.shape
     h = self.decoder_embed(h)

@@ -1,0 +1,105 @@
+"""The masked random-order generative model (MAR): backbone + head, and its training loss.
+
+`MaskedARModel` holds MAR's encoder/decoder (`arjax.models.mar.MarBackbone`) and a per-token
+head network (MAR's `MarMLPAdaLN` for the DDPM head, or `FlowHeadNet`) in one parameter
+tree {'backbone', 'head'}, like `ARModel` does for the causal family.
+
+Training masks, as MAR's `MAR.forward` does: one mask ratio per batch from a normal(1, 0.25)
+truncated to [mask_ratio_min, 1], `ceil(L * ratio)` tokens masked in every row, each row
+masking the first ones of its own random order; the loss is the head's loss averaged over
+the masked tokens only.
+
+Static shapes. The encoder's length is buffer + (number of unmasked tokens), which varies
+from batch to batch between 0 and `max_kept = L - ceil(L * mask_ratio_min)`. Compiling one
+program per count would give up to max_kept + 1 programs (77 for ImageNet-256), and the
+count is drawn on the device, so the host cannot pick one without a sync. Instead the kept
+counts are split into `mask_buckets` ranges; each range is one branch of a `lax.switch`
+whose encoder is padded to the range's top (padding rows are masked tokens hidden from
+attention, `MarBackbone.encode`). So the train step is ONE program however many buckets;
+buckets only trade the branch count (compile time, program size) against the padding
+(wasted encoder rows: on average a bucket's half width). The mask distribution is exactly
+MAR's: padding changes no number.
+"""
+import functools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+
+class MaskedARModel(nn.Module):
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(self, tokens, labels):
+    """Touches every parameter (used by init), all tokens kept."""
+    mask = jnp.zeros(tokens.shape[:2], bool)
+    z = self.backbone(tokens, mask, labels, tokens.shape[1])
+    b, t, d = tokens.shape
+    return self.head(tokens.reshape(b * t, d), jnp.zeros((b * t,)), z.reshape(b * t, -1))
+
+  def condition(self, tokens, mask, labels, num_kept: int, drop_labels=None):
+    """z [B, L, W] for tokens [B, L, D] with `mask` (True = masked); see MarBackbone."""
+    return self.backbone(tokens, mask, labels, num_kept, drop_labels)
+
+  def head_net(self, x_t, t, z):
+    return self.head(x_t, t, z)
+
+
+def max_kept(num_tokens: int, mask_ratio_min: float) -> int:
+  """The most unmasked tokens a training mask leaves: L - ceil(L * mask_ratio_min)."""
+  return num_tokens - int(np.ceil(num_tokens * mask_ratio_min))
+
+
+def bucket_sizes(top: int, num_buckets: int) -> Tuple[int, ...]:
+  """Padded encoder sizes: the tops of `num_buckets` near-equal ranges covering [0, top]."""
+  sizes = sorted({int(np.ceil(top * (i + 1) / num_buckets)) for i in range(num_buckets)})
+  return tuple(sizes) if sizes else (0,)
+
+
+def sample_num_masked(rng, num_tokens: int, mask_ratio_min: float):
+  """MAR's per-batch count: ceil(L * r), r ~ N(1, 0.25) truncated to [mask_ratio_min, 1]."""
+  lower = (mask_ratio_min - 1.0) / 0.25
+  ratio = 1.0 + 0.25 * jax.random.truncated_normal(rng, lower, 0.0, (), jnp.float32)
+  count = jnp.ceil(num_tokens * ratio).astype(jnp.int32)
+  # Float rounding must not leave the documented range.
+  return jnp.clip(count, int(np.ceil(num_tokens * mask_ratio_min)), num_tokens)
+
+
+def random_orders(rng, batch: int, num_tokens: int):
+  """One uniformly random permutation of positions per row (MAR's `sample_orders`)."""
+  return jnp.argsort(jax.random.uniform(rng, (batch, num_tokens)), axis=1).astype(jnp.int32)
+
+
+def mask_by_order(mask_len, orders):
+  """True at positions `orders[b, :mask_len]` (MAR's `mask_by_order`); mask_len may be traced."""
+  ranks = jnp.argsort(orders, axis=1)  # ranks[b, p] = index of position p in row b's order
+  return ranks < jnp.asarray(mask_len, jnp.int32)
+
+
+def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
+                label_drop: float, mask_ratio_min: float, buckets: Sequence[int]):
+  """Mean head loss over the masked tokens of a MAR training mask drawn from `rng`."""
+  batch, num_tokens, dim = tokens.shape
+  count_rng, order_rng, drop_rng, head_rng = jax.random.split(rng, 4)
+  num_masked = sample_num_masked(count_rng, num_tokens, mask_ratio_min)
+  mask = mask_by_order(num_masked, random_orders(order_rng, batch, num_tokens))
+  drop = jax.random.uniform(drop_rng, (batch,)) < label_drop
+  weights = mask.reshape(-1).astype(jnp.float32)
+
+  def loss_padded_to(num_kept, params):
+    apply = functools.partial(model.apply, {"params": params})
+    z = apply(tokens, mask, labels, num_kept, drop, method=MaskedARModel.condition)
+    net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=MaskedARModel.head_net)
+    per_token = head.loss(net_fn, tokens.reshape(-1, dim), z.reshape(batch * num_tokens, -1),
+                          head_rng)
+    return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  kept = num_tokens - num_masked
+  index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), kept, side="left")
+  branches = [functools.partial(loss_padded_to, size) for size in buckets]
+  if len(branches) == 1:
+    return branches[0](params)
+  return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), branches, params)
