@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from arjax import configs, sharding, tokenizers, train_state, train_step
 from arjax.models import ar_model
+from arjax.mar_sampling import MarSampler
 from arjax.sampling import Sampler
 
 
@@ -42,7 +43,12 @@ class Experiment:
         state_shardings, self.mesh, loss_fn=self.loss_fn, tokenizer=self.tokenizer,
         optimizer=self.optimizer, config=self.config)
 
-  def sampler(self) -> Sampler:
+  def sampler(self):
+    """The family's sampler: images = sampler(params, labels, rng, cfg_scale=..., ...)."""
     s = self.config.sample
+    if self.config.model.family == "mar":
+      return MarSampler(self.model, self.head, self.tokenizer, num_iter=s.num_iter,
+                        num_steps=s.num_steps, solver=s.solver,
+                        cfg_interval=tuple(s.cfg_interval), kept_buckets=s.kept_buckets)
     return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver,
                    cfg_interval=tuple(s.cfg_interval))
