@@ -45,7 +45,8 @@ The report (JSON; `run` returns it as a dict):
   peak_memory_bytes                   max over devices of peak_bytes_in_use; null on CPU
   profile_dir                         where --profile wrote the trace of the timed calls
   train only: batch_mul; sample only: cfg_scale, cfg_schedule, cfg_interval, guided,
-  num_steps, solver, temperature, ode_evaluations
+  num_steps, solver, temperature, head_evaluations (ODE evaluations or DDPM steps per
+  token); MAR family: num_iter, kept_buckets
 """
 import contextlib
 import copy
@@ -104,20 +105,95 @@ def _backbone_blocks(rows: int, keys: int, width: int, hidden: int, depth: int) 
   return depth * (projections + attention + mlp)
 
 
-def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int):
+def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int,
+              out_dim: Optional[int] = None):
   """One head-network evaluation on `rows` rows -> (FLOPs of layers fed by data, of all others).
 
   Layers: time MLP (256 -> Wh -> Wh), cond projection (W -> Wh), input
   projection (D -> Wh); per residual block the AdaLN modulation (Wh -> 3 Wh),
-  fc1 and fc2 (Wh -> Wh); final modulation (Wh -> 2 Wh) and output (Wh -> D).
+  fc1 and fc2 (Wh -> Wh); final modulation (Wh -> 2 Wh) and output (Wh -> D, or
+  `out_dim`: 2D for MAR's DDPM net, whose second half is the variance).
   The first time-MLP layer and the input projection read data (t's embedding,
   x_t) that no parameter influences; backprop needs no gradient of their inputs.
   """
   data_fed = _matmul(rows, TIME_EMBED_DIM, width) + _matmul(rows, token_dim, width)
   others = (_matmul(rows, width, width) + _matmul(rows, cond_width, width)
             + depth * (_matmul(rows, width, 3 * width) + 2 * _matmul(rows, width, width))
-            + _matmul(rows, width, 2 * width) + _matmul(rows, width, token_dim))
+            + _matmul(rows, width, 2 * width) + _matmul(rows, width, out_dim or token_dim))
   return data_fed, others
+
+
+def _vit_blocks(rows: int, keys: int, width: int, mlp_ratio: float, depth: int) -> int:
+  """MAR's timm ViT blocks: q, k, v, proj (W x W), scores and probs.v, fc1 / fc2 (W x rW)."""
+  hidden = int(width * mlp_ratio)
+  return depth * (4 * _matmul(rows, width, width) + 2 * _matmul(rows, width, keys)
+                  + 2 * _matmul(rows, width, hidden))
+
+
+def head_evaluations(config) -> int:
+  """Head-net evaluations per sampled token: the ODE's (flow) or the respaced DDPM steps."""
+  s = config.sample
+  if config.head.name == "mar_diffusion":
+    return s.num_steps
+  return ode_evaluations(s.num_steps, s.solver)
+
+
+def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, f) -> float:
+  """E[f(kept)] for MAR's kept = L - ceil(L r), r ~ N(1, 0.25) truncated to [min, 1]."""
+  r = np.linspace(mask_ratio_min, 1.0, 20001)
+  weights = np.exp(-0.5 * ((r - 1.0) / 0.25) ** 2)
+  kept = num_tokens - np.ceil(num_tokens * r)
+  return float(np.sum(weights * np.vectorize(f)(kept)) / np.sum(weights))
+
+
+def mar_backbone_flops(config, num_tokens: int, token_dim: int, rows: int, known: int) -> int:
+  """One MAR encoder + decoder forward on `rows` images with `known` unmasked tokens each:
+  z_proj on all L tokens, encoder over buffer + known rows, decoder_embed, decoder over
+  buffer + L rows."""
+  m = config.model
+  we, wd, buf = m.encoder_width, m.decoder_width, m.buffer_size
+  n = buf + known
+  return (_matmul(rows * num_tokens, token_dim, we)
+          + _vit_blocks(rows * n, n, we, m.mlp_ratio, m.encoder_depth)
+          + _matmul(rows * n, we, wd)
+          + _vit_blocks(rows * (buf + num_tokens), buf + num_tokens, wd, m.mlp_ratio,
+                        m.decoder_depth))
+
+
+def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
+  """`analytic_flops` for the masked family (see there); expected values over the mask law.
+
+  train: z_proj on all L tokens; encoder blocks over buffer + kept rows (unpadded: the
+    padding of the bucketed program is waste), decoder_embed on them; decoder blocks over
+    buffer + L rows; the head net on B * L * M rows (MAR's loss runs the head on every
+    token and weights the masked ones). Backward as for the causal family; z_proj's and
+    the head's data-fed layers get 1x.
+  sample: per step k, with B' rows (2B under CFG), the encoder over buffer + known_k,
+    decoder over buffer + L, the head on B' x num_pred_k tokens x head evaluations.
+  """
+  from arjax import mar_sampling  # the schedule the sampler really runs
+
+  m, h = config.model, config.head
+  d, length = tokenizer.token_dim, tokenizer.num_tokens
+  wd = m.decoder_width
+  out_dim = 2 * d if h.name == "mar_diffusion" else d
+  forward = lambda rows, known: mar_backbone_flops(config, length, d, rows, int(known))
+
+  if mode == "train":
+    z_proj = _matmul(batch_size * length, d, m.encoder_width)
+    blocks = _expected_over_mask_law(
+        length, m.mask_ratio_min, lambda kept: forward(batch_size, kept)) - z_proj
+    backbone = 3 * blocks + 2 * z_proj
+    data_fed, others = _head_net(batch_size * length * h.batch_mul, d, wd, h.width, h.depth,
+                                 out_dim)
+    head = 2 * data_fed + 3 * others
+  else:
+    schedule = mar_sampling.mask_schedule(length, config.sample.num_iter)
+    rows = batch_size * (2 if is_guided(config) else 1)
+    backbone = sum(forward(rows, known) for known in schedule.num_known_before)
+    evals = rows * length * head_evaluations(config)  # every token is predicted once
+    head = sum(_head_net(evals, d, wd, h.width, h.depth, out_dim))
+  return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
 
 
 def is_guided(config) -> bool:
@@ -157,7 +233,10 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
   """
   m, h = config.model, config.head
   tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  if m.family == "mar":
+    return _mar_flops(config, mode, batch_size, tokenizer)
   d, t = tokenizer.token_dim, tokenizer.num_tokens
+  out_dim = 2 * d if h.name == "mar_diffusion" else d
   p, w = m.num_class_tokens, m.width
   hidden = layers.swiglu_hidden(w, m.mlp_ratio)
   if mode == "train":
@@ -165,17 +244,16 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
     blocks = _backbone_blocks(batch_size * seq, seq, w, hidden, m.depth)
     token_in = _matmul(batch_size * (t - 1), d, w)
     backbone = 3 * blocks + 2 * token_in
-    data_fed, others = _head_net(batch_size * t * h.batch_mul, d, w, h.width, h.depth)
+    data_fed, others = _head_net(batch_size * t * h.batch_mul, d, w, h.width, h.depth, out_dim)
     head = 2 * data_fed + 3 * others
   elif mode == "sample":
-    s = config.sample
     rows = batch_size * (2 if is_guided(config) else 1)
     cache = p + t
     backbone = (_backbone_blocks(rows * p, cache, w, hidden, m.depth)
                 + _backbone_blocks(rows * (t - 1), cache, w, hidden, m.depth)
                 + _matmul(rows * (t - 1), d, w))
-    evals = rows * t * ode_evaluations(s.num_steps, s.solver)
-    head = sum(_head_net(evals, d, w, h.width, h.depth))
+    evals = rows * t * head_evaluations(config)
+    head = sum(_head_net(evals, d, w, h.width, h.depth, out_dim))
   else:
     raise ValueError(f"mode={mode!r}; known: {MODES}")
   return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
@@ -403,7 +481,9 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
                   cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
                   num_steps=s.num_steps, solver=s.solver, temperature=s.temperature,
-                  ode_evaluations=ode_evaluations(s.num_steps, s.solver))
+                  head_evaluations=head_evaluations(config))
+    if config.model.family == "mar":
+      report.update(num_iter=s.num_iter, kept_buckets=s.kept_buckets)
   return report
 
 

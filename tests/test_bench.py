@@ -26,7 +26,7 @@ COMMON_FIELDS = {
 MODE_FIELDS = {
     "train": {"batch_mul"},
     "sample": {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "num_steps", "solver",
-               "temperature", "ode_evaluations"},
+               "temperature", "head_evaluations"},
 }
 
 
@@ -64,7 +64,7 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
   else:
     assert r["xla_flops_per_call"] is None
     assert r["guided"] is (config.sample.cfg_scale != 1.0)
-    assert r["ode_evaluations"] == 2 * config.sample.num_steps - 1
+    assert r["head_evaluations"] == 2 * config.sample.num_steps - 1
 
 
 def _hlo_dot_flops(hlo_text: str) -> int:
@@ -134,3 +134,23 @@ def test_cli_bench_writes_report(tmp_path):
   assert report["config"] == "configs/digits.py:smoke"
   assert report["command"].startswith("python -m arjax bench")
   assert "images/s" in result.stdout and str(out) in result.stdout
+
+
+def test_analytic_mar_backbone_flops_match_the_compiled_forward():
+  """MAR's encoder + decoder FLOP model against the dots XLA compiles, for one mask."""
+  import jax.numpy as jnp
+  from arjax.models.masked_ar import MaskedARModel, mask_by_order, random_orders
+  config = configs.load(str(REPO_ROOT / "configs/digits_mar.py:smoke"))
+  config.model.update(encoder_width=64, decoder_width=96, encoder_heads=2, decoder_heads=2,
+                      encoder_depth=2, decoder_depth=1)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  exp = train.Experiment(config, mesh=mesh)
+  batch, known = 4, 3
+  tokens = jnp.zeros((batch, 16, 4))
+  mask = mask_by_order(16 - known, random_orders(jax.random.PRNGKey(0), batch, 16))
+  labels = jnp.zeros((batch,), jnp.int32)
+  params = jax.eval_shape(exp.model.init, jax.random.PRNGKey(0), tokens, labels)
+  condition = jax.jit(lambda p, x, m, y: exp.model.apply(p, x, m, y, known,
+                                                         method=MaskedARModel.condition))
+  compiled = condition.lower(params, tokens, mask, labels).compile()
+  assert _hlo_dot_flops(compiled.as_text()) == bench.mar_backbone_flops(config, 16, 4, batch, known)
