@@ -28,14 +28,14 @@ reproduces the official sampler token for token (tests/test_golden_mar.py).
 import dataclasses
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arjax.models.heads import MarDiffusion
-from arjax.models.masked_ar import MaskedARModel, mask_by_order, random_orders
+from arjax.models.masked_ar import MaskedARModel, random_orders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,13 +143,15 @@ def replay_noise(schedule: MaskSchedule, orders: np.ndarray, init_noise: Sequenc
 
 def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARModel, head,
                   schedule: MaskSchedule, guided: bool, num_steps, kept_buckets: int = 1,
-                  cfg_interval=(0.0, 1.0), orders=None, noise=None):
+                  cfg_interval=(0.0, 1.0), orders=None, noise=None, value_range=None):
   """labels [B] -> tokens [B, L, C].
 
   scales: [K] float32 CFG scale per step (ignored unless `guided`).
   num_steps: the head's sampling steps (ODE steps; DDPM respacing).
   orders: optional [B, L] int generation orders (default: random from `rng`).
   noise: optional (init [K, B, P, C], steps [K, S, B, P, C]) for the DDPM head (`replay_noise`).
+  value_range: optional (lo, hi): sampled tokens are clipped into it before they are kept
+    and fed back (bounded tokenizers such as pixel patches; MAR's VAE latents have none).
   """
   batch = labels.shape[0]
   length, dim = schedule.num_tokens, model.backbone.token_dim
@@ -188,6 +190,8 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
         kwargs["noise"] = (step_noise[0].reshape(batch * slots, dim),
                            step_noise[1].reshape(step_noise[1].shape[0], batch * slots, dim))
       sampled = head.sample(net_fn, z_slots, key, **kwargs).reshape(batch, slots, dim)
+      if value_range is not None:
+        sampled = jnp.clip(sampled, *value_range)
       write = jnp.where(valid, positions, length)  # index L: dropped
       b = jnp.arange(batch)[:, None]
       tokens = tokens.at[b, write].set(sampled, mode="drop")
@@ -216,6 +220,7 @@ class MarSampler:
   solver: str = "heun"
   cfg_interval: tuple = (0.0, 1.0)
   kept_buckets: int = 4
+  clip_tokens: bool = True
 
   def __post_init__(self):
     head = self.head
@@ -227,7 +232,8 @@ class MarSampler:
         self.tokenizer.decode(sample_tokens(
             params, labels, rng, scales, temperature, model=self.model, head=head,
             schedule=self.schedule, guided=guided, num_steps=self.num_steps,
-            kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval))))
+            kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
+            value_range=self.tokenizer.value_range if self.clip_tokens else None)))
 
   def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
                temperature=1.0):
