@@ -14,7 +14,14 @@ _pos = lambda v: v > 0
 _nonneg = lambda v: v >= 0
 _prob = lambda v: 0.0 <= v < 1.0
 
-Schema = Dict[str, Tuple[tuple, Callable[[Any], bool], str]]
+# (types, predicate or None, what it demands: a string, or a function giving one)
+Schema = Dict[str, Tuple[tuple, Callable[[Any], bool], Any]]
+
+
+def _vae_architectures():
+  # Imported on use: the presets live with the VAE, which pulls in Flax.
+  from arjax.tokenizers import kl_vae
+  return kl_vae.ARCHITECTURES
 
 # The fields that depend on a choice: the chosen variant's fields are required, the
 # others' unknown (a causal config carrying `model.buffer_size` is a mistake).
@@ -22,6 +29,16 @@ TOKENIZER_SCHEMAS: Dict[str, Schema] = {
     "patchify": {
         "tokenizer.patch_size": ((int,), _pos, "> 0"),
         "tokenizer.scale": ((float, int), _pos, "> 0"),
+    },
+    # MAR's KL VAE, frozen (arjax/tokenizers/kl_vae.py): tokens are its scaled latents.
+    "kl_vae": {
+        # .npz / .safetensors state dict or an Orbax params directory; needed to build it.
+        "tokenizer.checkpoint": ((str, type(None)), None, ""),
+        "tokenizer.architecture": ((str,), lambda v: v in _vae_architectures(),
+                                   lambda: f"one of {sorted(_vae_architectures())}"),
+        "tokenizer.patch_size": ((int,), _pos, "> 0"),
+        "tokenizer.latent_scale": ((float, int), _pos, "> 0"),
+        "tokenizer.sample_posterior": ((bool,), None, ""),
     },
 }
 
@@ -82,6 +99,8 @@ SCHEMA: Schema = {
     "data.shuffle_seed": ((int,), None, ""),
     "data.random_flip": ((bool,), None, ""),
     "data.worker_count": ((int,), _nonneg, ">= 0"),
+    # A latent cache written by `python -m arjax cache_latents`; None: encode images on the fly.
+    "data.latents": ((str, type(None)), None, ""),
     "tokenizer.name": ((str,), lambda v: v in TOKENIZER_SCHEMAS, f"one of {sorted(TOKENIZER_SCHEMAS)}"),
     "model.family": ((str,), lambda v: v in MODEL_SCHEMAS, f"one of {sorted(MODEL_SCHEMAS)}"),
     "model.label_drop": ((float, int), _prob, "in [0, 1)"),
@@ -142,7 +161,7 @@ def _check(name: str, value, rule) -> None:
     raise ConfigError(f"config.{name}={value!r}: expected {'/'.join(t.__name__ for t in types)}, "
                       f"got {type(value).__name__}")
   if check is not None and not check(value):
-    raise ConfigError(f"config.{name}={value!r}: must be {demand}")
+    raise ConfigError(f"config.{name}={value!r}: must be {demand() if callable(demand) else demand}")
 
 
 def schema_for(config) -> Schema:
@@ -183,12 +202,34 @@ def validate(config) -> None:
   if config.tokenizer.name == "patchify" and config.data.image_size % config.tokenizer.patch_size:
     raise ConfigError(f"config.tokenizer.patch_size={config.tokenizer.patch_size} must divide "
                       f"config.data.image_size={config.data.image_size}")
+  _validate_vae(config)
   if config.train.warmup_steps > config.train.num_steps:
     raise ConfigError(f"config.train.warmup_steps={config.train.warmup_steps} exceeds "
                       f"config.train.num_steps={config.train.num_steps}")
   for i, rule in enumerate(config.sharding.rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"config.sharding.rules[{i}]={rule!r}: expected (logical_name, mesh_axes)")
+
+
+def _validate_vae(config) -> None:
+  if config.tokenizer.name != "kl_vae":
+    if config.data.latents is not None:
+      raise ConfigError(f"config.data.latents={config.data.latents!r}: cached latents need a VAE "
+                        f"tokenizer (config.tokenizer.name='kl_vae'), not "
+                        f"{config.tokenizer.name!r}")
+    return
+  t, d = config.tokenizer, config.data
+  vae = _vae_architectures()[t.architecture]
+  stride = vae.downsample_factor * t.patch_size
+  if d.image_size % stride:
+    raise ConfigError(
+        f"config.data.image_size={d.image_size} must be a multiple of {stride}: the VAE stride "
+        f"{vae.downsample_factor} (config.tokenizer.architecture={t.architecture!r}) times "
+        f"config.tokenizer.patch_size={t.patch_size}")
+  if d.channels != vae.in_channels:
+    raise ConfigError(f"config.data.channels={d.channels}: the VAE "
+                      f"config.tokenizer.architecture={t.architecture!r} reads "
+                      f"{vae.in_channels}-channel images")
 
 
 def load(path: str) -> ml_collections.ConfigDict:

@@ -8,10 +8,31 @@ from arjax import sharding
 from arjax.train_state import TrainState, ema_decay_at, learning_rate_schedule
 
 
+# fold_in constant of the tokenizer's posterior noise: its own stream beside the loss's rng.
+_TOKENIZER_STREAM = 0x70C
+
+
+def training_tokens(tokenizer, batch, rng):
+  """The tokens one step trains on: from `batch['image']`, or from cached `batch['moments']`
+  (arjax/data/latents.py); a posterior sample when the tokenizer asks for one.
+
+  Both sources give the same tokens for the same image and rng. Deterministic tokenizers
+  (Patchify) get no rng, so their path stays exactly what it was.
+  """
+  tok_rng = None
+  if getattr(tokenizer, "sample_posterior", False):
+    tok_rng = jax.random.fold_in(rng, _TOKENIZER_STREAM)
+  if "moments" in batch:
+    return tokenizer.encode_moments(batch["moments"], tok_rng)
+  if tok_rng is None:
+    return tokenizer.encode(batch["image"])
+  return tokenizer.encode(batch["image"], tok_rng)
+
+
 def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, config):
   """loss_fn(params, tokens, labels, rng) -> scalar: the model family's objective."""
   rng = jax.random.fold_in(state.rng, state.step)
-  tokens = tokenizer.encode(batch["image"])
+  tokens = training_tokens(tokenizer, batch, rng)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, batch["label"], rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -28,6 +28,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.random_flip = False
   # Host-side worker threads/processes for decoding; 0 = in the main thread.
   config.data.worker_count = 0
+  # A latent cache (`python -m arjax cache_latents`) to train from instead of images, for VAE
+  # tokenizers; None = encode images on the fly. A typed placeholder so the command line can set it.
+  config.data.latents = ml_collections.config_dict.placeholder(str)
 
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.name = "patchify"

@@ -17,6 +17,8 @@ README.md. The large and huge configs change only the sizes and the CFG scale.
 """
 import os
 
+import ml_collections
+
 from arjax import configs
 
 # 1,281,167 ImageNet train images / 2048 per batch.
@@ -38,9 +40,10 @@ def mar_imagenet256(size: str):
 
   config.tokenizer = type(config.tokenizer)()
   config.tokenizer.name = "kl_vae"
-  # Weights: an official kl16.ckpt / .safetensors / .npz, or a directory written by
-  # `python -m arjax convert`. Required before anything runs.
-  config.tokenizer.checkpoint = None
+  # Weights: MAR's kl16 state dict as .safetensors / .npz (the .ckpt pickle is refused), or a
+  # directory written by `python -m arjax convert`. Required before anything runs.
+  # A typed placeholder (None until set) so `--config.tokenizer.checkpoint=...` can set it.
+  config.tokenizer.checkpoint = ml_collections.config_dict.placeholder(str)
   config.tokenizer.architecture = "kl16"
   config.tokenizer.patch_size = 1
   config.tokenizer.latent_scale = 0.2325

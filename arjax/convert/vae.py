@@ -11,11 +11,14 @@ config), so every missing, unexpected or mis-shaped key is reported by name, all
 ValueError; nothing is silently skipped. Checkpoints that carry extra, known-irrelevant entries
 (LDM's `loss.*` discriminator/LPIPS weights) must name them in `ignore_prefixes`.
 
-Files: `.npz` (loaded with allow_pickle=False) or `.safetensors` (only if the `safetensors`
-package is installed). PyTorch `.pth`/`.ckpt` pickles are refused: convert them elsewhere with
-`safetensors.torch.save_file(sd, ...)` or `np.savez(path, **{k: v.numpy() ...})`.
+Files are read by `arjax.convert.state_dict.load_checkpoint`: `.npz` (allow_pickle=False),
+`.safetensors` (if the `safetensors` package is installed), or a PyTorch `.pth`/`.ckpt` through
+`torch.load(weights_only=True)` when torch is installed (refused otherwise). Nested dicts become
+`<group>/<name>` keys: MAR's kl16.ckpt is {'model': state_dict}, read with prefix="model/".
+A directory is an Orbax checkpoint of the already-converted Flax params tree. `load_vae_params`
+reads all three and is what `config.tokenizer.checkpoint` goes through.
 """
-import pathlib
+import os
 import re
 from typing import Mapping, Sequence
 
@@ -78,30 +81,65 @@ def vae_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
       kernel_layout=lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO.
 
 
+def state_dict_from_vae_params(params) -> dict:
+  """The inverse of `vae_params_from_state_dict`: Flax params -> PyTorch-named numpy state dict
+  (e.g. to write a `.npz` that `load_vae_params` reads back)."""
+  state_dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flax_path = tuple(p.key for p in path)
+    value = np.asarray(jax.device_get(leaf))
+    if flax_path[-1] == "kernel":
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW.
+    state_dict[_torch_name(flax_path)] = value
+  return state_dict
+
+
 def load_state_dict(path, prefix: str = "") -> dict:
-  """Reads `{name: np.ndarray}` from a `.npz` or `.safetensors` file; never unpickles.
+  """Reads `{name: np.ndarray}` from a checkpoint file; never unpickles arbitrary code.
 
   Only keys starting with `prefix` are kept, with the prefix removed (e.g. prefix="param/" for
-  the golden files, or "vae." for a state dict nested in a larger model).
+  the golden files, "model/" for kl16.ckpt, or "vae." for a state dict nested in a larger
+  model). Formats and refusals: `arjax.convert.state_dict.load_checkpoint`.
   """
-  path = pathlib.Path(path)
-  if path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files if k.startswith(prefix)}
-  elif path.suffix == ".safetensors":
-    try:
-      from safetensors.numpy import load_file  # Optional dependency.
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs the 'safetensors' package; "
-                        "install it or convert the weights to .npz") from e
-    arrays = {k: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-  else:
-    raise ValueError(f"{path}: only .npz and .safetensors are read (PyTorch pickles such as "
-                     ".pth/.ckpt are refused; re-save the state_dict as .npz or .safetensors)")
-  return {k[len(prefix):]: v for k, v in arrays.items()}
+  arrays = state_dict_lib.load_flat(path)
+  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _params_from_orbax(path, config: kl_vae.KLVAEConfig):
+  """A Flax params tree saved with Orbax `StandardSave` (as `python -m arjax convert` writes it),
+  checked key by key against the module's own tree like a state dict."""
+  import orbax.checkpoint as ocp  # Only directories need Orbax.
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.abspath(os.fspath(path)))
+  expected = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(kl_vae.param_shapes(config))[0]:
+    expected["/".join(p.key for p in key_path)] = (
+        tuple(p.key for p in key_path), tuple(leaf.shape), leaf.dtype)
+  given = {"/".join(str(getattr(p, "key", p)) for p in key_path): leaf
+           for key_path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  # Already Flax-laid-out: kernels pass through unchanged.
+  return state_dict_lib.to_params(given, expected, what=f"VAE params do not match {config}",
+                                  kernel_layout=lambda w: w)
 
 
 def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), prefix: str = "",
                     ignore_prefixes: Sequence[str] = ()):
-  """`load_state_dict` then `vae_params_from_state_dict`."""
-  return vae_params_from_state_dict(load_state_dict(path, prefix), config, ignore_prefixes)
+  """The one entry point for VAE weights, whatever form they come in:
+
+    a directory                 an Orbax checkpoint of the Flax params tree (StandardSave), as
+                                `python -m arjax convert` writes it; `prefix` does not apply
+    .npz / .safetensors file    a PyTorch `AutoencoderKL.state_dict()`, converted here
+
+  Every failure names `path`: FileNotFoundError if nothing is there, ValueError listing each
+  missing, unexpected or mis-shaped parameter if the weights are not `config`'s.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no VAE weights there (expected an .npz/.safetensors "
+                            "state dict or a directory written by `python -m arjax convert`)")
+  try:
+    if os.path.isdir(path):
+      return _params_from_orbax(path, config)
+    return vae_params_from_state_dict(load_state_dict(path, prefix), config, ignore_prefixes)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{path}: {e}") from e

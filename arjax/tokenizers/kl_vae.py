@@ -18,11 +18,13 @@ The Flax parameter tree mirrors the PyTorch state_dict names with every `name.<i
 converter is a mechanical rename plus the kernel transpose.
 """
 import dataclasses
+import hashlib
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # MAR's latent scale: main_mar.py / engine_mar.py use `posterior.sample().mul_(0.2325)` and
 # `vae.decode(tokens / 0.2325)`, chosen so KL-16 latents have roughly unit variance.
@@ -78,6 +80,18 @@ class KLVAEConfig:
     kwargs["embed_dim"] = embed_dim
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+# `config.tokenizer.architecture` -> the VAE it names.
+ARCHITECTURES = {
+    # MAR's production KL-16 (kl16.ckpt): 16x16 latents of 16 channels at 256px.
+    "kl16": KLVAEConfig(),
+    # The golden tiny VAE (vae_tiny.npz): KL-16's structure and stride 16 (encoder attention in
+    # the last level, decoder mid-block only) at width 32 and one block per level, so tests and
+    # CPU runs can use a real VAE.
+    "kl16_tiny": KLVAEConfig(ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1,
+                             encoder_attn_resolutions=(4,), resolution=64),
+}
 
 
 def _conv(features: int, kernel: int, name: Optional[str], precision, stride: int = 1,
@@ -314,6 +328,17 @@ def param_shapes(cfg: KLVAEConfig):
                                       jnp.zeros((1, f, f, cfg.in_channels)))["params"])
 
 
+def params_fingerprint(params) -> str:
+  """sha256 over every parameter's path, dtype, shape and bytes: names the exact weights, so a
+  latent cache can be tied to the VAE that wrote it wherever the weights were loaded from."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype.str}:{value.shape};".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class KLVAETokenizer:
   """Frozen KL VAE tokenizer keeping arjax's tokenizer contract (see arjax/tokenizers).
@@ -324,6 +349,11 @@ class KLVAETokenizer:
   `c*p*p + pi*p + qi` (channel slowest, mar.py `patchify`). decode is the inverse: unpatchify,
   divide by `latent_scale`, AutoencoderKL.decode. Decoded images are not clamped.
 
+  The encoder's raw output is split out as `moments` (quant_conv output, [B, h, w, 2*embed_dim]:
+  mean then logvar, before the clamp, MAR's `posterior.parameters`) so a latent cache can store
+  it and `encode_moments` finish the job at training time with the same tokens `encode` gives.
+  `sample_posterior` tells the train step to pass an rng (MAR trains on samples).
+
   `params` are held, never trained: they are closed over as constants by jitted callers.
   eq=False keeps the (dict-holding) dataclass hashable by identity.
   """
@@ -333,6 +363,7 @@ class KLVAETokenizer:
   patch_size: int = 1
   latent_scale: float = MAR_LATENT_SCALE
   precision: Any = None
+  sample_posterior: bool = False
 
   def __post_init__(self):
     f = self.config.downsample_factor * self.patch_size
@@ -361,6 +392,13 @@ class KLVAETokenizer:
   def token_dim(self) -> int:
     return self.config.embed_dim * self.patch_size * self.patch_size
 
+  @property
+  def moments_shape(self) -> tuple:
+    """One image's moments: (h, w, 2*embed_dim), or (h, w, embed_dim) without use_variational."""
+    side = self.image_size // self.config.downsample_factor
+    width = self.config.embed_dim * (2 if self.config.use_variational else 1)
+    return (side, side, width)
+
   def patchify(self, latents):
     """[B, h, w, C] latents -> [B, (h/p)*(w/p), C*p*p] tokens, MAR's order (see class doc)."""
     b, h, w, c = latents.shape
@@ -374,19 +412,35 @@ class KLVAETokenizer:
     x = tokens.reshape(b, g, g, c, p, p).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, g * p, g * p, c)
 
-  def latents(self, images, rng=None):
-    """Unscaled posterior mean (or sample given rng), [B, h, w, embed_dim]."""
+  def moments(self, images):
+    """Raw posterior moments [B, h, w, moments_shape[-1]] of images [B, H, W, C] in [-1, 1]."""
     expected = (self.image_size, self.image_size, self.config.in_channels)
     if tuple(images.shape[1:]) != expected:
       raise ValueError(f"images of shape {images.shape[1:]} given to a tokenizer for {expected}")
-    mean, _, std = self.module.apply({"params": self.params}, images,
-                                     method=AutoencoderKL.encode)
+    _, moments = self.module.apply({"params": self.params}, images,
+                                   method=AutoencoderKL.encode_moments)
+    return moments
+
+  def latents_from_moments(self, moments, rng=None):
+    """Unscaled posterior mean (or sample mean + std * N(0, 1) given rng), [B, h, w, embed_dim]."""
+    if tuple(moments.shape[1:]) != self.moments_shape:
+      raise ValueError(f"moments of shape {moments.shape[1:]} given to a tokenizer for "
+                       f"{self.moments_shape}")
+    mean, _, std = posterior_from_moments(moments, self.config.use_variational)
     if rng is None:
       return mean
     return mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
 
+  def latents(self, images, rng=None):
+    """Unscaled posterior mean (or sample given rng), [B, h, w, embed_dim]."""
+    return self.latents_from_moments(self.moments(images), rng)
+
   def encode(self, images, rng=None):
-    return self.patchify(self.latents(images, rng) * self.latent_scale)
+    return self.encode_moments(self.moments(images), rng)
+
+  def encode_moments(self, moments, rng=None):
+    """Tokens from cached moments: exactly what `encode` gives for the images they came from."""
+    return self.patchify(self.latents_from_moments(moments, rng) * self.latent_scale)
 
   def decode(self, tokens):
     latents = self.unpatchify(tokens) / self.latent_scale
