@@ -7,6 +7,11 @@ times the jitted train step or sampler (see `arjax.bench`); it needs no
 workdir, and writes its JSON report to --out, else workdir/bench_<mode>.json
 if --workdir is given, else prints only.
 
+    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|vae]
+
+imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) into DIR; see
+`arjax.convert.official` and the README.
+
 Config fields are overridden on the command line, e.g. `--config.model.depth=4`
 or `--config.sample.cfg_scale=2.0`; unknown fields fail at start.
 """
@@ -18,7 +23,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "bench")
+COMMANDS = ("train", "sample", "eval", "bench", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -34,10 +39,21 @@ _PROFILE = flags.DEFINE_string("profile", None, "bench: write a jax.profiler tra
                                "calls to this directory.")
 _OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json.")
 
+# convert only; --out is its output directory.
+_SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint "
+                              "(.pth/.ckpt through torch weights_only, .npz, .safetensors).")
+_KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source holds; "
+                          "default: detected from its parameter names.")
+
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m arjax {{{'|'.join(COMMANDS)}}} --config=... --workdir=...")
+  if argv[1] == "convert":
+    # --source and --out; --config is optional (MAR default: imagenet256_mar_base), no workdir.
+    logging.set_verbosity(logging.WARNING)
+    from arjax.convert import official
+    return official.run_cli(_SOURCE.value, _OUT.value, _CONFIG.value, _KIND.value)
   if argv[1] == "bench":
     if _CONFIG.value is None or _MODE.value is None:
       raise app.UsageError("bench: --config and --mode=train|sample are required")

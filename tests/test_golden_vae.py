@@ -8,6 +8,7 @@ NHWC, so goldens are compared after `transpose(0, 2, 3, 1)`.
 import json
 import os
 import pathlib
+import pickle
 
 import jax
 import numpy as np
@@ -137,6 +138,8 @@ def test_state_dict_errors_name_every_bad_key():
 
 
 def test_loader_refuses_pickles(tmp_path):
+  # A pickle that would call a function: refused without torch, and by weights_only with it.
+  (tmp_path / "kl16.ckpt").write_bytes(pickle.dumps(print, protocol=2))
   with pytest.raises(ValueError, match="refused"):
     convert_vae.load_state_dict(tmp_path / "kl16.ckpt")
 

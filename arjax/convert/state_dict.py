@@ -1,10 +1,14 @@
-"""Matching a PyTorch state dict against the parameters a Flax module expects.
+"""Reading PyTorch checkpoints safely, and matching a state dict against a Flax module.
 
-Every importer goes through `to_params`, so all of them refuse a mismatched
-checkpoint the same way: one ValueError listing every missing, unexpected and
-mis-shaped key by name; nothing is skipped silently.
+Every importer reads files through `load_checkpoint` (never an arbitrary unpickle: `.npz`,
+`.safetensors`, or `torch.load(weights_only=True)` when torch is installed) and goes through
+`to_params`, so all of them refuse a mismatched checkpoint the same way: one ValueError
+listing every missing, unexpected and mis-shaped key by name; nothing is skipped silently.
 """
-from typing import Callable, Mapping, Sequence, Tuple
+import dataclasses
+import json
+import pathlib
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,3 +45,211 @@ def to_params(given: Mapping[str, np.ndarray], expected: Expected, *, what: str,
       node = node.setdefault(part, {})
     node[flax_path[-1]] = jnp.asarray(value, dtype=dtype)
   return params
+
+
+# -----------------------------------------------------------------------------
+# Reading checkpoint files.
+#
+# A checkpoint is a top-level dict: state dicts under group names (MAR's checkpoint-last.pth:
+# 'model' and 'model_ema'; kl16.ckpt: 'model'; LDM: 'state_dict'), plus metadata ('epoch',
+# 'args') and entries no importer reads ('optimizer', 'scaler'). A file holding one bare
+# state dict is group "" (the empty name).
+#
+# Flat formats carry the same nesting in their key names (torch names never contain '/'):
+#   .npz          `<group>/<torch name>` arrays; a key without '/' belongs to group "";
+#                 optional scalars `epoch` (integer) and `args_json` (JSON of vars(args)).
+#   .safetensors  `<group>/<torch name>` tensors likewise; `epoch` and `args_json` in the
+#                 header's string metadata.
+# E.g., from a trusted official checkpoint (torch installed):
+#   ckpt = torch.load("checkpoint-last.pth", map_location="cpu", weights_only=False)
+#   np.savez("mar.npz", epoch=ckpt["epoch"], args_json=json.dumps(vars(ckpt["args"])),
+#            **{f"{g}/{k}": v.float().numpy() for g in ("model", "model_ema")
+#               for k, v in ckpt[g].items()})
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+FLAT_SUFFIXES = (".npz", ".safetensors")
+_METADATA_KEYS = ("epoch", "args_json")
+
+RESAVE_HINT = (
+    "re-save its weights as .npz: python -c \"import numpy as np, "
+    "torch; c = torch.load('IN.pth', map_location='cpu', weights_only=False); "
+    "np.savez('OUT.npz', **{g + '/' + k: v.float().numpy() for g in ('model', 'model_ema') "
+    "if g in c for k, v in c[g].items()})\"")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read as asked: wrong format, refused pickle, bad layout."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """What `load_checkpoint` read: state dicts by group, plus the metadata importers use."""
+  path: str
+  state_dicts: Dict[str, Dict[str, np.ndarray]]  # group -> {torch name: array}; "" = bare
+  epoch: Optional[int] = None
+  args: Optional[dict] = None  # vars(args) of the training run, when the file carries them
+  ignored: Tuple[str, ...] = ()  # top-level entries left unread (optimizer, scaler, ...)
+
+
+def load_checkpoint(path, groups: Optional[Sequence[str]] = None) -> Checkpoint:
+  """Reads a checkpoint file; never unpickles arbitrary code.
+
+  `.npz` (allow_pickle=False) and `.safetensors` are read directly; `.pth`/`.pt`/`.ckpt`/`.bin`
+  need torch and go through `torch.load(..., weights_only=True)`, with `argparse.Namespace`
+  (MAR's `args`) the one class allowed beyond tensors and containers. Only the `groups` asked
+  for are materialised (None: all), so an optimizer state next to the weights costs nothing;
+  the bare group "" is always read. Entries left unread are listed in `Checkpoint.ignored`.
+  """
+  path = pathlib.Path(path)
+  suffix = path.suffix.lower()
+  if suffix not in FLAT_SUFFIXES + PICKLE_SUFFIXES:
+    raise CheckpointError(f"{path}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
+                          f"expected one of {', '.join(FLAT_SUFFIXES + PICKLE_SUFFIXES)}")
+  if suffix in PICKLE_SUFFIXES:
+    torch = _import_torch(path)  # before the file check: the refusal does not depend on it
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such checkpoint file")
+  if suffix in PICKLE_SUFFIXES:
+    return _from_torch(path, _torch_load(torch, path), groups)
+  return _from_flat(path, groups)
+
+
+def load_flat(path) -> Dict[str, np.ndarray]:
+  """Every state-dict array of a checkpoint file, keyed `<group>/<name>` (bare names as is)."""
+  ckpt = load_checkpoint(path)
+  return {(f"{group}/{name}" if group else name): value
+          for group, sd in ckpt.state_dicts.items() for name, value in sd.items()}
+
+
+def _wanted(group: str, groups) -> bool:
+  return group == "" or groups is None or group in groups
+
+
+def _group_of(key: str) -> Tuple[str, str]:
+  group, sep, name = key.partition("/")
+  return (group, name) if sep else ("", key)
+
+
+def _from_flat(path: pathlib.Path, groups) -> Checkpoint:
+  state_dicts: Dict[str, Dict[str, np.ndarray]] = {}
+  ignored = set()
+  if path.suffix.lower() == ".npz":
+    try:
+      data = np.load(path, allow_pickle=False)
+    except Exception as e:  # zipfile/format errors come in many types
+      raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
+    with data:
+      metadata = {k: data[k] for k in _METADATA_KEYS if k in data.files}
+      for key in data.files:
+        if key in metadata:
+          continue
+        group, name = _group_of(key)
+        if _wanted(group, groups):
+          state_dicts.setdefault(group, {})[name] = data[key]
+        else:
+          ignored.add(group)
+    epoch = int(metadata["epoch"]) if "epoch" in metadata else None
+    args_json = str(metadata["args_json"]) if "args_json" in metadata else None
+  else:
+    try:
+      from safetensors import safe_open  # optional dependency
+    except ImportError:
+      raise CheckpointError(f"{path}: reading .safetensors needs the 'safetensors' package "
+                            "(pip install safetensors), or re-save the weights as .npz") from None
+    try:
+      with safe_open(str(path), framework="np") as f:
+        header = f.metadata() or {}
+        for key in f.keys():
+          group, name = _group_of(key)
+          if _wanted(group, groups):
+            state_dicts.setdefault(group, {})[name] = f.get_tensor(key)
+          else:
+            ignored.add(group)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+      raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+    epoch = int(header["epoch"]) if "epoch" in header else None
+    args_json = header.get("args_json")
+  args = None
+  if args_json is not None:
+    try:
+      args = json.loads(args_json)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: args_json is not JSON ({e})") from None
+  return Checkpoint(str(path), state_dicts, epoch, args, tuple(sorted(ignored)))
+
+
+def _import_torch(path):
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(
+        f"{path}: PyTorch pickle refused: torch is not installed, and arjax reads .pth/.ckpt "
+        "only through torch.load(weights_only=True). Install torch (the CPU build is enough), "
+        "or re-save the state dicts as .npz/.safetensors (see arjax/convert/state_dict.py)"
+    ) from None
+  return torch
+
+
+def _torch_load(torch, path: pathlib.Path):
+  import argparse
+  import contextlib
+  import pickle
+
+  # MAR stores its argparse.Namespace under 'args'; weights_only refuses every class it does
+  # not know, and a Namespace is a plain attribute bag, so it is the one allowed.
+  safe_globals = getattr(torch.serialization, "safe_globals", None)
+  allow = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+  try:
+    with allow:
+      try:
+        # mmap: the optimizer state beside the weights is never read into memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      except RuntimeError as e:
+        if "mmap" not in str(e):
+          raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which will not "
+                          f"run code from a pickle ({_unpickler_reason(e)}). If you trust the "
+                          f"file, {RESAVE_HINT}") from None
+  except (RuntimeError, EOFError, OSError) as e:
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+
+
+def _unpickler_reason(error) -> str:
+  """The specific sentence of torch's long weights_only message (what it refused)."""
+  text = str(error)
+  marker = "WeightsUnpickler error:"
+  if marker in text:
+    text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+  text = " ".join(text.split())
+  return text.split(". ", 1)[0].rstrip(".") or type(error).__name__
+
+
+def _to_numpy(tensor):
+  tensor = tensor.detach().cpu()
+  if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+    tensor = tensor.float()
+  return tensor.numpy()
+
+
+def _from_torch(path: pathlib.Path, obj, groups) -> Checkpoint:
+  is_tensor = lambda v: type(v).__module__.startswith("torch") and hasattr(v, "detach")
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
+  state_dicts: Dict[str, Dict[str, np.ndarray]] = {}
+  ignored = []
+  epoch = args = None
+  for key, value in obj.items():
+    if is_tensor(value):
+      state_dicts.setdefault("", {})[key] = _to_numpy(value)
+    elif key == "epoch" and isinstance(value, int):
+      epoch = value
+    elif key == "args" and value is not None:
+      args = dict(vars(value)) if not isinstance(value, dict) else dict(value)
+    elif (isinstance(value, dict) and value and all(is_tensor(v) for v in value.values())
+          and _wanted(key, groups)):
+      state_dicts[key] = {name: _to_numpy(v) for name, v in value.items()}
+    else:
+      ignored.append(str(key))
+  return Checkpoint(str(path), state_dicts, epoch, args, tuple(ignored))
