@@ -212,6 +212,18 @@ def test_token_geometry_mismatch_names_the_tokenizer_fields(tmp_path):
 
 
 @needs_golden
+def test_vae_tokenizer_config_without_vae_weights_says_to_convert_them_first(tmp_path):
+  from arjax import configs
+  from arjax.convert import official
+
+  source = write_official_mar(tmp_path / "ckpt.npz", golden_state_dict(MAR_GOLDEN))
+  config = configs.load(os.path.join(REPO_ROOT, "configs", "imagenet256_mar_base.py"))
+  with pytest.raises(configs.ConfigError, match=r"config.tokenizer.checkpoint is None: convert "
+                     r"kl16.ckpt first"):
+    official.convert_mar(source, str(tmp_path / "out"), config, log=lambda s: None)
+
+
+@needs_golden
 def test_corrupted_key_set_fails_naming_every_key(tmp_path):
   from arjax.convert import official
 

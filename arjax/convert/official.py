@@ -449,6 +449,15 @@ def convert_mar(source, out: str, config, *, log: Log = _stderr) -> dict:
     log(f"{source} carries no args: the config's sizes are checked against the weights; "
         "attention head counts are taken on trust")
   configs.validate(config)
+  if config.tokenizer.name == "kl_vae" and config.tokenizer.checkpoint is None:
+    # The config written beside the weights must be complete, or `sample` fails later.
+    raise configs.ConfigError(
+        "config.tokenizer.checkpoint is None: convert kl16.ckpt first (python -m arjax convert "
+        "--source=kl16.ckpt --out=weights/kl16) and pass --config.tokenizer.checkpoint="
+        "weights/kl16; it is recorded in the output's config.json")
+  if config.tokenizer.name == "kl_vae" and os.path.exists(config.tokenizer.checkpoint):
+    # Recorded absolute, so that `sample` on the output works from any directory.
+    config.tokenizer.checkpoint = os.path.abspath(config.tokenizer.checkpoint)
   exp = Experiment(config)
   check_fits_config(params_sd, config, exp.tokenizer)
   params = mar_params(params_sd, exp, what="'model'" if params_sd is not ema_sd else "weights")
