@@ -73,7 +73,7 @@ def test_samples_match_each_component(trained):
   # eps error by sqrt(ac_prev / ac_999), ~31 here but ~1700 with 50 respaced steps, and the
   # seconds-trained net's eps error at t = 999 (~1e-2) would then swamp the sample. MAR's
   # long-trained heads drive that error down; the algorithm (checked against the golden
-  # replays in test_golden_mar_head.py) is the same for every respacing.
+  # replays in tests/golden_mar_head.py) is the same for every respacing.
   sample = jax.jit(lambda z, rng: head.sample(net_fn, z, rng, steps="1000"))
   for k in range(3):
     z = jax.nn.one_hot(jnp.full((n,), k), 3)
