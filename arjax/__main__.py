@@ -7,6 +7,13 @@ times the jitted train step or sampler (see `arjax.bench`); it needs no
 workdir, and writes its JSON report to --out, else workdir/bench_<mode>.json
 if --workdir is given, else prints only.
 
+    python -m arjax cache_latents --config=configs/X.py [--out=DIR] [--split=SPLIT] [--batch=N]
+
+encodes the config's TFDS split (default config.data.train_split) and each image's horizontal
+flip with its VAE tokenizer into an ArrayRecord latent cache in --out (default
+config.data.latents); training reads it with --config.data.latents=DIR (see
+`arjax.data.latents`).
+
     python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|vae]
 
 imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) into DIR; see
@@ -23,7 +30,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "bench", "convert")
+COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -32,12 +39,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", None, ["train", "sample"], "bench: what to time.")
 _BATCH = flags.DEFINE_integer(
     "batch", None, "bench: batch size; default config.train.global_batch_size (train) or "
-    "config.sample.batch_size (sample).")
+    "config.sample.batch_size (sample). cache_latents: images per encoding call; default 32 "
+    "per device.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "bench: timed calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "bench: untimed calls after the first (compiling) one.")
 _PROFILE = flags.DEFINE_string("profile", None, "bench: write a jax.profiler trace of the timed "
                                "calls to this directory.")
-_OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json.")
+_OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json. "
+                           "cache_latents: the cache directory; default config.data.latents.")
+_SPLIT = flags.DEFINE_string("split", None, "cache_latents: the split to encode; default "
+                             "config.data.train_split.")
 
 # convert only; --out is its output directory.
 _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint "
@@ -57,6 +68,10 @@ def main(argv):
   if argv[1] == "bench":
     if _CONFIG.value is None or _MODE.value is None:
       raise app.UsageError("bench: --config and --mode=train|sample are required")
+  elif argv[1] == "cache_latents":
+    if _CONFIG.value is None or (_OUT.value is None and _CONFIG.value.data.get("latents") is None):
+      raise app.UsageError("cache_latents: --config and --out=DIR (or config.data.latents) "
+                           "are required")
   elif _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
@@ -89,6 +104,14 @@ def _run(command, config, workdir):
     from arjax import evaluate_cli
     report = evaluate_cli.run(config, workdir)
     print(report)
+  elif command == "cache_latents":
+    from arjax.data import latents
+    out = _OUT.value or config.data.latents
+    meta = latents.cache_latents(config, out, split=_SPLIT.value, batch_size=_BATCH.value,
+                                 progress=True)
+    print(f"{meta['num_examples']} {meta['split']!r} images (and their flips) of "
+          f"{meta['dataset']!r} cached in {out}\n"
+          f"train on them: --config.data.latents={out}")
   elif command == "bench":
     from arjax import bench
     path = bench.report_path(_MODE.value, _OUT.value, workdir)

@@ -14,17 +14,20 @@ import tqdm
 
 from arjax import checkpoint, sharding
 from arjax.workdir import check_workdir
-from arjax.data import pipeline
+from arjax.data import latents, pipeline
 from arjax.experiment import Experiment  # noqa: F401  (re-exported: train.Experiment)
 from arjax.image_grid import save_class_grid
 from arjax.sampling import Sampler
 
 
-def train_iterator(config):
-  """This process's share of the training batches (a checkpointable grain iterator)."""
-  return pipeline.make_train_iterator(
-      config.data, global_batch_size=config.train.global_batch_size, seed=config.data.shuffle_seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+def train_iterator(config, tokenizer=None):
+  """This process's share of the training batches (a checkpointable grain iterator): images, or
+  VAE moments from the latent cache `config.data.latents` (checked against `tokenizer`)."""
+  kwargs = dict(global_batch_size=config.train.global_batch_size, seed=config.data.shuffle_seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.latents is not None:
+    return latents.make_train_iterator(config, tokenizer, **kwargs)
+  return pipeline.make_train_iterator(config.data, **kwargs)
 
 
 def _write_grid(exp: Experiment, sampler: Sampler, params, step: int, workdir: str) -> str:
@@ -46,8 +49,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None):
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
-  pipeline.prepare(c.data.name, c.data.data_dir)
-  data_iter = train_iterator(c)
+  if c.data.latents is None:  # a latent cache stands in for the images
+    pipeline.prepare(c.data.name, c.data.data_dir)
+  data_iter = train_iterator(c, exp.tokenizer)
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints,
                                  save_every=c.train.checkpoint_every)
   if ckpt.latest_step() is not None:

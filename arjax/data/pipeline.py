@@ -21,6 +21,10 @@ With P processes, step k's local batches together hold exactly the global
 stream elements [k * global_batch_size, (k + 1) * global_batch_size), whatever
 P is. Since MapDataset is lazy, each process only reads its own share.
 
+The steps before the read are `element_stream`; a VAE latent cache (config.data.latents,
+arjax/data/latents.py) is read through the same stream, so it visits the same records with the
+same flips as this pipeline would for the same seed.
+
 Checkpointing the iterator through Orbax (as an item of a CheckpointManager):
 
   manager = ocp.CheckpointManager(dir, item_names=("state", "data_iter"))
@@ -274,6 +278,25 @@ def _collate(examples: Sequence[dict]) -> dict:
           "label": np.array([e["label"] for e in examples], np.int32)}
 
 
+def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This process's endless stream of (source position, flip?) draws, before any reading.
+
+  Shared by the image pipeline below and the latent cache (arjax/data/latents.py), so that both
+  visit the same records in the same order with the same flips for the same seed.
+  """
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  flip_seed = _derived_seed(seed, _FLIP_STREAM) if data_cfg.random_flip else None
+  ds = grain.MapDataset.range(num_records).shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM))
+  ds = ds.repeat()
+  ds = ds.map_with_index(_FlipDraw(flip_seed))
+  return ds[process_index::process_count]
+
+
 def train_dataset(source, data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, declared_shape: Optional[tuple] = None
                   ) -> grain.MapDataset:
@@ -284,18 +307,10 @@ def train_dataset(source, data_cfg, *, global_batch_size: int, seed: int, proces
   share of global batch k: {'image': float32 [b, S, S, C] in [-1, 1],
   'label': int32 [b]} with b = global_batch_size // process_count.
   """
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
   if len(source) == 0:
     raise ValueError(f"the training source {source} is empty")
-  flip_seed = _derived_seed(seed, _FLIP_STREAM) if data_cfg.random_flip else None
-  ds = grain.MapDataset.range(len(source)).shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM))
-  ds = ds.repeat()
-  ds = ds.map_with_index(_FlipDraw(flip_seed))
-  ds = ds[process_index::process_count]
+  ds = element_stream(len(source), data_cfg, global_batch_size=global_batch_size, seed=seed,
+                      process_index=process_index, process_count=process_count)
   ds = ds.map(_ReadRecord(source, RecordDecoder.from_config(data_cfg, declared_shape)))
   return ds.batch(global_batch_size // process_count, drop_remainder=True, batch_fn=_collate)
 
@@ -312,10 +327,14 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_
   ds = train_dataset(source, data_cfg, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count,
                      declared_shape=_declared_image_shape(source))
+  return iterate(ds, data_cfg.worker_count)
+
+
+def iterate(ds: grain.MapDataset, worker_count: int) -> grain.DatasetIterator:
+  """A checkpointable iterator over batches, `worker_count` threads reading ahead."""
   # The buffer holds whole batches, so a couple per thread keeps them busy without
   # hoarding memory (grain's default of 500 elements assumes single examples).
-  workers = data_cfg.worker_count
-  read_options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+  read_options = grain.ReadOptions(num_threads=worker_count, prefetch_buffer_size=2 * worker_count)
   return iter(ds.to_iter_dataset(read_options))
 
 
