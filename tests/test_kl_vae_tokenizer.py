@@ -48,6 +48,20 @@ def test_config_builds_the_tokenizer_from_a_state_dict_npz(tmp_path):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_a_release_file_nesting_the_state_dict_under_model_loads_as_is(tmp_path):
+  """kl16.ckpt's layout, {'model': state_dict} with the LDM loss's weights beside the VAE's
+  (as .npz: `model/<name>` keys), loads without converting first; `loss.*` is left out."""
+  from arjax.convert.vae import state_dict_from_vae_params
+  params = tiny_params()
+  nested = {f"model/{k}": v for k, v in state_dict_from_vae_params(params).items()}
+  nested["model/loss.discriminator.main.0.weight"] = np.zeros((4, 3, 4, 4), np.float32)
+  np.savez(tmp_path / "kl16_tiny_release.npz", **nested)
+  config = vae_config(str(tmp_path / "kl16_tiny_release.npz"))
+  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  for ours, theirs in zip(jax.tree.leaves(tok.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_an_orbax_params_directory_loads_the_same_weights(tmp_path):
   """What `python -m arjax convert` writes for a VAE: StandardSave of the Flax params tree."""
   params = tiny_params()

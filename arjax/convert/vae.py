@@ -130,6 +130,9 @@ def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), pre
     a directory                 an Orbax checkpoint of the Flax params tree (StandardSave), as
                                 `python -m arjax convert` writes it; `prefix` does not apply
     .npz / .safetensors file    a PyTorch `AutoencoderKL.state_dict()`, converted here
+    .ckpt / .pth (torch needed)  the same, read with weights_only; a release file nesting it
+                                as {'model': state_dict} (kl16.ckpt) is unwrapped, its `loss.*`
+                                weights (the LDM training loss) left out
 
   Every failure names `path`: FileNotFoundError if nothing is there, ValueError listing each
   missing, unexpected or mis-shaped parameter if the weights are not `config`'s.
@@ -140,6 +143,12 @@ def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), pre
   try:
     if os.path.isdir(path):
       return _params_from_orbax(path, config)
-    return vae_params_from_state_dict(load_state_dict(path, prefix), config, ignore_prefixes)
+    state_dict = load_state_dict(path, prefix)
+    if not prefix and state_dict and all(k.startswith("model/") for k in state_dict):
+      # An LDM/MAR release file such as kl16.ckpt: {'model': state_dict}, whose state dict
+      # also carries the training loss's weights (LPIPS, discriminator): not the autoencoder.
+      state_dict = {k[len("model/"):]: v for k, v in state_dict.items()}
+      ignore_prefixes = tuple(ignore_prefixes) + ("loss.",)
+    return vae_params_from_state_dict(state_dict, config, ignore_prefixes)
   except (ValueError, KeyError) as e:
     raise ValueError(f"{path}: {e}") from e
