@@ -8,6 +8,8 @@ The contract every head keeps (so backbones and decoders never special-case one)
 `net_fn(x_t, t, z)` is the head network applied with its parameters bound,
 a pure function: heads hold configuration, never parameters.
 """
-from arjax.models.heads.diffusion import MarDiffusion  # noqa: F401
-from arjax.models.heads.flow import FlowHeadNet, FlowMatching  # noqa: F401
-from arjax.models.heads.mar_mlp import MarMLPAdaLN  # noqa: F401
+from arjax.models.heads.diffusion import MarDiffusion
+from arjax.models.heads.flow import FlowHeadNet, FlowMatching
+from arjax.models.heads.mar_mlp import MarMLPAdaLN
+
+__all__ = ["FlowHeadNet", "FlowMatching", "MarDiffusion", "MarMLPAdaLN"]
