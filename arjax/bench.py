@@ -138,11 +138,12 @@ def head_evaluations(config) -> int:
   return ode_evaluations(s.num_steps, s.solver)
 
 
-def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, f) -> float:
-  """E[f(kept)] for MAR's kept = L - ceil(L r), r ~ N(1, 0.25) truncated to [min, 1]."""
+def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, mask_ratio_std: float,
+                            f) -> float:
+  """E[f(kept)] for MAR's kept = L - ceil(L r), r ~ N(1, std) truncated to [min, 1]."""
   r = np.linspace(mask_ratio_min, 1.0, 20001)
-  weights = np.exp(-0.5 * ((r - 1.0) / 0.25) ** 2)
-  kept = num_tokens - np.ceil(num_tokens * r)
+  weights = np.exp(-0.5 * ((r - 1.0) / mask_ratio_std) ** 2)
+  kept = num_tokens - np.maximum(np.ceil(num_tokens * r), 1)
   return float(np.sum(weights * np.vectorize(f)(kept)) / np.sum(weights))
 
 
@@ -182,7 +183,8 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
   if mode == "train":
     z_proj = _matmul(batch_size * length, d, m.encoder_width)
     blocks = _expected_over_mask_law(
-        length, m.mask_ratio_min, lambda kept: forward(batch_size, kept)) - z_proj
+        length, m.mask_ratio_min, m.mask_ratio_std,
+        lambda kept: forward(batch_size, kept)) - z_proj
     backbone = 3 * blocks + 2 * z_proj
     data_fed, others = _head_net(batch_size * length * h.batch_mul, d, wd, h.width, h.depth,
                                  out_dim)

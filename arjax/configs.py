@@ -63,6 +63,7 @@ MODEL_SCHEMAS: Dict[str, Schema] = {
         "model.buffer_size": ((int,), _pos, "> 0"),
         "model.norm_eps": ((float,), _pos, "> 0"),
         "model.mask_ratio_min": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        "model.mask_ratio_std": ((float, int), _pos, "> 0"),
         "model.mask_buckets": ((int,), _pos, "> 0"),
     },
 }

@@ -55,6 +55,8 @@ def mar_imagenet256(size: str):
   config.model.encoder_depth = config.model.decoder_depth = depth
   config.model.encoder_heads = config.model.decoder_heads = heads
   config.model.buffer_size = 64
+  config.model.mask_ratio_min = 0.7   # MAR's law: N(1, 0.25) truncated to [0.7, 1]
+  config.model.mask_ratio_std = 0.25
   config.model.mask_buckets = 4
   config.model.dtype = "bfloat16"
 

@@ -107,6 +107,7 @@ def build(config, tokenizer):
     top = masked_ar.max_kept(tokenizer.num_tokens, m.mask_ratio_min)
     loss = functools.partial(masked_ar.masked_loss, model=model, head=head,
                              label_drop=m.label_drop, mask_ratio_min=m.mask_ratio_min,
+                             mask_ratio_std=m.mask_ratio_std,
                              buckets=masked_ar.bucket_sizes(top, m.mask_buckets))
   else:
     raise ValueError(f"config.model.family={m.family!r} is unknown; known: 'causal', 'mar'")

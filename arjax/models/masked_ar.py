@@ -5,7 +5,9 @@ head network (MAR's `MarMLPAdaLN` for the DDPM head, or `FlowHeadNet`) in one pa
 tree {'backbone', 'head'}, like `ARModel` does for the causal family.
 
 Training masks, as MAR's `MAR.forward` does: one mask ratio per batch from a normal(1, 0.25)
-truncated to [mask_ratio_min, 1], `ceil(L * ratio)` tokens masked in every row, each row
+truncated to [mask_ratio_min, 1] (the 0.25 is `mask_ratio_std`, a config field: MAR's law
+never shows a short sequence the late sampling steps' many known tokens, see
+configs/digits_mar.py), `ceil(L * ratio)` tokens masked in every row, each row
 masking the first ones of its own random order; the loss is the head's loss averaged over
 the masked tokens only.
 
@@ -48,9 +50,15 @@ class MaskedARModel(nn.Module):
     return self.head(x_t, t, z)
 
 
+def min_masked(num_tokens: int, mask_ratio_min: float) -> int:
+  """The fewest tokens a training mask hides: ceil(L * mask_ratio_min), and at least one
+  (a mask hiding nothing would have no loss)."""
+  return max(1, int(np.ceil(num_tokens * mask_ratio_min)))
+
+
 def max_kept(num_tokens: int, mask_ratio_min: float) -> int:
-  """The most unmasked tokens a training mask leaves: L - ceil(L * mask_ratio_min)."""
-  return num_tokens - int(np.ceil(num_tokens * mask_ratio_min))
+  """The most unmasked tokens a training mask leaves."""
+  return num_tokens - min_masked(num_tokens, mask_ratio_min)
 
 
 def bucket_sizes(top: int, num_buckets: int) -> Tuple[int, ...]:
@@ -59,13 +67,13 @@ def bucket_sizes(top: int, num_buckets: int) -> Tuple[int, ...]:
   return tuple(sizes) if sizes else (0,)
 
 
-def sample_num_masked(rng, num_tokens: int, mask_ratio_min: float):
-  """MAR's per-batch count: ceil(L * r), r ~ N(1, 0.25) truncated to [mask_ratio_min, 1]."""
-  lower = (mask_ratio_min - 1.0) / 0.25
-  ratio = 1.0 + 0.25 * jax.random.truncated_normal(rng, lower, 0.0, (), jnp.float32)
+def sample_num_masked(rng, num_tokens: int, mask_ratio_min: float, mask_ratio_std: float = 0.25):
+  """MAR's per-batch count: ceil(L * r), r ~ N(1, std) truncated to [mask_ratio_min, 1]."""
+  lower = (mask_ratio_min - 1.0) / mask_ratio_std
+  ratio = 1.0 + mask_ratio_std * jax.random.truncated_normal(rng, lower, 0.0, (), jnp.float32)
   count = jnp.ceil(num_tokens * ratio).astype(jnp.int32)
   # Float rounding must not leave the documented range.
-  return jnp.clip(count, int(np.ceil(num_tokens * mask_ratio_min)), num_tokens)
+  return jnp.clip(count, min_masked(num_tokens, mask_ratio_min), num_tokens)
 
 
 def random_orders(rng, batch: int, num_tokens: int):
@@ -80,11 +88,12 @@ def mask_by_order(mask_len, orders):
 
 
 def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
-                label_drop: float, mask_ratio_min: float, buckets: Sequence[int]):
+                label_drop: float, mask_ratio_min: float, buckets: Sequence[int],
+                mask_ratio_std: float = 0.25):
   """Mean head loss over the masked tokens of a MAR training mask drawn from `rng`."""
   batch, num_tokens, dim = tokens.shape
   count_rng, order_rng, drop_rng, head_rng = jax.random.split(rng, 4)
-  num_masked = sample_num_masked(count_rng, num_tokens, mask_ratio_min)
+  num_masked = sample_num_masked(count_rng, num_tokens, mask_ratio_min, mask_ratio_std)
   mask = mask_by_order(num_masked, random_orders(order_rng, batch, num_tokens))
   drop = jax.random.uniform(drop_rng, (batch,)) < label_drop
   weights = mask.reshape(-1).astype(jnp.float32)
