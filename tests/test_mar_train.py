@@ -35,6 +35,15 @@ def test_mask_counts_follow_mars_truncated_normal():
   assert len(np.unique(counts)) > 50  # a spread, not a constant
 
 
+def test_a_wider_law_reaches_the_few_masked_tokens_of_late_sampling_steps():
+  """digits_mar's law (min 0, std 1): every count from 1 to L, never 0 (no loss without targets)."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  counts = np.asarray(jax.vmap(lambda k: masked_ar.sample_num_masked(k, 16, 0.0, 1.0))(keys))
+  assert set(np.unique(counts)) == set(range(1, 17))
+  assert (counts <= 2).mean() > 0.05  # MAR's own law: never below ceil(16 * 0.7) = 12
+  assert masked_ar.max_kept(16, 0.0) == 15
+
+
 def test_masks_hide_the_first_tokens_of_a_random_order_per_row():
   orders = np.asarray(masked_ar.random_orders(jax.random.PRNGKey(1), 6, 16))
   assert all(sorted(row) == list(range(16)) for row in orders)
