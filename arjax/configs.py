@@ -124,6 +124,7 @@ SCHEMA: Schema = {
     "train.sample_every": ((int,), _nonneg, ">= 0 (0 = never)"),
     "train.checkpoint_every": ((int,), _pos, "> 0"),
     "train.keep_checkpoints": ((int,), _pos, "> 0"),
+    "train.max_nonfinite_steps": ((int,), _pos, "> 0"),
     "mesh.shape": ((tuple, list), lambda v: len(v) == 3, "3 sizes (data, fsdp, tensor)"),
     "sharding.rules": ((tuple, list), None, ""),
     "sample.num_images": ((int,), _pos, "> 0"),

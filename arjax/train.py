@@ -5,6 +5,7 @@ one) > a fresh start from `config.seed`. The state holds the RNG and the
 checkpoint holds the grain iterator, so a resumed run continues bit-for-bit.
 """
 import logging
+import math
 import os
 import time
 
@@ -38,6 +39,22 @@ def _write_grid(exp: Experiment, sampler: Sampler, params, step: int, workdir: s
   images = pipeline.denormalize(np.asarray(jax.device_get(images)))
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   return save_class_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, labels)
+
+
+class NonFiniteError(RuntimeError):
+  """Training met too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def check_finite(streak: int, metrics, done: int, limit: int) -> None:
+  """Raises NonFiniteError once `limit` consecutive updates were skipped (see train_step)."""
+  if streak < limit:
+    return
+  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
+  raise NonFiniteError(
+      f"training stopped at step {done}: {' and '.join(bad) or 'loss/grad_norm'} non-finite for "
+      f"{streak} consecutive steps since step {done - streak + 1} (config.train."
+      f"max_nonfinite_steps={limit}); parameters are those of step {done - streak}, and the "
+      "last checkpoint holds no non-finite value")
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after=None):
@@ -76,8 +93,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None):
     batch = sharding.global_batch(next(data_iter), exp.mesh)
     state, metrics = step_fn(state, batch)
     done = step + 1
-    if done % c.train.log_every == 0 or done == end:
+    will_save = done % c.train.checkpoint_every == 0 or done == end
+    if done % c.train.log_every == 0 or done == end or will_save:
       metrics = jax.device_get(metrics)  # also waits for the step: honest throughput
+      check_finite(int(jax.device_get(state.nonfinite_streak)), metrics, done,
+                   c.train.max_nonfinite_steps)
       now = time.perf_counter()
       images_per_s = (done - last_step) * c.train.global_batch_size / max(now - last_time, 1e-9)
       last_time, last_step = now, done

@@ -24,6 +24,9 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array           # uint32[2] base key; step keys are fold_in(rng, step)
+  # int32 scalar: consecutive steps skipped for a non-finite loss or gradient norm (0 after
+  # any applied update); the loop stops at config.train.max_nonfinite_steps.
+  nonfinite_streak: jax.Array
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -63,7 +66,8 @@ def _boxed_initializer(model, optimizer, example_tokens, example_labels):
   def init_boxed(rng):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, example_tokens, example_labels)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    return TrainState(step=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32),
+                      params=params, ema_params=params,
                       opt_state=optimizer.init(params), rng=state_rng)
   return init_boxed
 

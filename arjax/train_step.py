@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from arjax import sharding
@@ -38,12 +39,22 @@ def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, confi
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, config.train.ema_decay)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  grad_norm = optax.tree.norm(grads)
+  # A NaN/Inf loss or gradient skips the update: parameters, EMA and optimizer moments stay
+  # as they were (a select, so a finite step's numbers are exactly the unguarded ones). The
+  # step still advances, so the next try draws new noise, masks and data.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": learning_rate_schedule(config.train)(state.step),
+      "skipped": 1 - finite.astype(jnp.int32),
   }
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
   return new_state, metrics
 
 

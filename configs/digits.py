@@ -80,6 +80,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.sample_every = 1000
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 2
+  # Steps with a NaN/Inf loss or gradient are skipped (no update); this many in a row stop
+  # training with a message (a diverged run, not a bad batch).
+  config.train.max_nonfinite_steps = 20
 
   config.mesh = ml_collections.ConfigDict()
   # (data, fsdp, tensor); -1 takes the devices left over.

@@ -131,3 +131,34 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   for k in kernel:
     a, b = a[k], b[k]
   assert np.any(a != b)
+
+
+def test_a_non_finite_step_changes_nothing_but_is_counted():
+  config = smoke_config()
+  exp = train.Experiment(config)
+  state, shardings = exp.init_state()
+  step = exp.jit_step(shardings)
+  before = jax.device_get(state)
+  poisoned = fixed_batch(config)
+  poisoned["image"][0, 0, 0, 0] = np.nan  # one bad pixel makes the loss NaN
+  state, metrics = step(state, sharding.global_batch(poisoned, exp.mesh))
+  assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 1
+  assert int(state.step) == 1 and int(state.nonfinite_streak) == 1
+  after = jax.device_get(state)
+  for name in ("params", "ema_params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(before, name))):
+      np.testing.assert_array_equal(a, b)
+  # Good steps resume from there (two: optax's warmup gives its first update lr 0).
+  for _ in range(2):
+    state, metrics = step(state, sharding.global_batch(fixed_batch(config), exp.mesh))
+    assert int(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before.params)))
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_training_naming_step_and_metric():
+  metrics = {"loss": float("nan"), "grad_norm": 1.0}
+  train.check_finite(2, metrics, done=10, limit=3)  # below the limit: carry on
+  with pytest.raises(train.NonFiniteError, match=r"step 10: loss non-finite for 3 consecutive "
+                     r"steps since step 8 \(config.train.max_nonfinite_steps=3\)"):
+    train.check_finite(3, metrics, done=10, limit=3)

@@ -353,6 +353,8 @@ def train_state(exp, params, ema_params, step: int):
   opt_state = jax.jit(exp.optimizer.init, out_shardings=shardings.opt_state)(params)
   _, state_rng = jax.random.split(jax.random.PRNGKey(exp.config.seed))  # as train_state.create
   return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
+                    nonfinite_streak=jax.device_put(jnp.zeros((), jnp.int32),
+                                                    shardings.nonfinite_streak),
                     params=params, ema_params=ema_params, opt_state=opt_state,
                     rng=jax.device_put(state_rng, shardings.rng))
 
