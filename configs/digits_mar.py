@@ -42,7 +42,32 @@ def mar_model(encoder_width, encoder_depth, encoder_heads, decoder_width, decode
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = configs.load(os.path.join(os.path.dirname(__file__), "digits.py"))
+  if variant not in ("", "smoke", "ddpm", "ddpm_smoke"):
+    raise ValueError(f"configs/digits_mar.py has no variant {variant!r}; known: 'smoke', "
+                     "'ddpm', 'ddpm_smoke'")
+  smoke = variant.endswith("smoke")
+  # The causal recipe's data, tokenizer, optimizer, evaluation (and smoke sizes) as the base.
+  base = "digits.py:smoke" if smoke else "digits.py"
+  config = configs.load(os.path.join(os.path.dirname(__file__), base))
+  if smoke:
+    config.model = mar_model(32, 1, 2, 32, 1, 2, buffer_size=2)
+    config.model.mask_buckets = 2
+    config.sample.num_iter = 4
+    config.sample.kept_buckets = 4
+  else:
+    config = _full_size(config)
+  if variant.startswith("ddpm"):
+    for key in ("t_mean", "t_std"):
+      del config.head[key]
+    config.head.name = "mar_diffusion"
+    config.head.num_timesteps = 1000
+    config.head.noise_schedule = "cosine"
+    # DDPM respacing steps at sampling time (MAR's num_sampling_steps).
+    config.sample.num_steps = 4 if smoke else 100
+  return config
+
+
+def _full_size(config):
   config.model = mar_model(128, 4, 4, 128, 4, 4, buffer_size=4)
   # MAR's law (ratio >= 0.7, std 0.25) never leaves more than 4 of 16 tokens known, while the
   # sampler's late steps see up to 15: measured on a model trained with it, the loss of
@@ -55,34 +80,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.sample.num_iter = 16
   # Sampler encoder paddings (arjax/mar_sampling.py `segments`).
   config.sample.kept_buckets = 4
-  # MAR masks 70-100% of the tokens, so each step trains on fewer targets than the
-  # causal model's all-16: more steps for the same data budget.
+  # Under this law about half the tokens are targets of a step (the causal model trains on
+  # all 16): more steps for the same data budget.
   config.train.num_steps = 2400
-
-  if variant in ("smoke", "ddpm_smoke"):
-    config.model = mar_model(32, 1, 2, 32, 1, 2, buffer_size=2)
-    config.model.mask_buckets = 2
-    config.head.width = 32
-    config.head.depth = 1
-    config.train.global_batch_size = 16
-    config.train.num_steps = 4
-    config.train.warmup_steps = 1
-    config.train.log_every = 1
-    config.train.sample_every = 0
-    config.train.checkpoint_every = 2
-    config.sample.num_images = 20
-    config.sample.batch_size = 20
-    config.sample.num_steps = 2
-    config.sample.num_iter = 4
-  elif variant not in ("", "ddpm"):
-    raise ValueError(f"configs/digits_mar.py has no variant {variant!r}; known: 'smoke', "
-                     "'ddpm', 'ddpm_smoke'")
-  if variant.startswith("ddpm"):
-    for key in ("t_mean", "t_std"):
-      del config.head[key]
-    config.head.name = "mar_diffusion"
-    config.head.num_timesteps = 1000
-    config.head.noise_schedule = "cosine"
-    # DDPM respacing steps at sampling time (MAR's num_sampling_steps).
-    config.sample.num_steps = 100 if variant == "ddpm" else 4
   return config
