@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.models.heads import MarDiffusion
-from arjax.models.masked_ar import MaskedARModel, random_orders
+from arjax.models.masked_ar import MaskedARModel, bucket_sizes, random_orders
+from arjax.sampling import head_with_solver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +98,8 @@ def cfg_scales(schedule: MaskSchedule, cfg: float, cfg_schedule: str) -> np.ndar
 def segments(schedule: MaskSchedule, num_buckets: int):
   """[(first step, end step, padded encoder size, head slots)] covering all steps in order."""
   known = schedule.num_known_before
-  sizes = sorted({int(math.ceil(int(known[-1]) * (i + 1) / num_buckets))
-                  for i in range(num_buckets)}) or [0]
+  # The same near-equal split of [0, top] as the training buckets.
+  sizes = bucket_sizes(int(known[-1]), num_buckets)
   out, start = [], 0
   for size in sizes:
     end = start
@@ -223,9 +223,7 @@ class MarSampler:
   clip_tokens: bool = True
 
   def __post_init__(self):
-    head = self.head
-    if not isinstance(head, MarDiffusion):
-      head = dataclasses.replace(head, solver=self.solver)
+    head = head_with_solver(self.head, self.solver)
     self.schedule = mask_schedule(self.tokenizer.num_tokens, self.num_iter)
     self._jitted = {}
     self._sample_images = lambda params, labels, rng, scales, temperature, guided: (

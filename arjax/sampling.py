@@ -66,6 +66,14 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
   return tokens.transpose(1, 0, 2), zs.transpose(1, 0, 2)
 
 
+def head_with_solver(head, solver: str):
+  """The head with `sample.solver` applied where it has one (the flow head's ODE solver;
+  the DDPM head's steps are fixed by its schedule)."""
+  if any(f.name == "solver" for f in dataclasses.fields(head)):
+    return dataclasses.replace(head, solver=solver)
+  return head
+
+
 @dataclasses.dataclass
 class Sampler:
   """Samples images from class labels; compiles once per batch size and guidance on/off."""
@@ -78,7 +86,7 @@ class Sampler:
   clip_tokens: bool = True
 
   def __post_init__(self):
-    head = dataclasses.replace(self.head, solver=self.solver)
+    head = head_with_solver(self.head, self.solver)
     self._jitted = {}
     self._sample_images = lambda params, labels, rng, cfg_scales, temperature, guided: (
         self.tokenizer.decode(sample_tokens(

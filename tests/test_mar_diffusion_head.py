@@ -100,3 +100,21 @@ def test_guidance_scale_one_and_supplied_noise(trained):
   np.testing.assert_allclose(guided, np.asarray(plain(z_cond, init, step_noise[:, :n])), atol=1e-3)
   # MAR's recorded layout ([cond; null] step rows) and the cond rows alone give the same draws.
   np.testing.assert_array_equal(guided, np.asarray(sample(z, init, step_noise[:, :n], 1.0)))
+
+
+def test_the_causal_model_samples_with_the_ddpm_head():
+  """Head choice is config for both families: the causal sampler takes the DDPM head too
+  (it has no ODE solver for `sample.solver` to set)."""
+  from arjax import configs
+  from arjax.experiment import Experiment
+  from conftest import REPO_ROOT
+  config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
+  with config.unlocked():
+    del config.head["t_mean"], config.head["t_std"]
+    config.head.name = "mar_diffusion"
+    config.head.num_timesteps = 1000
+    config.head.noise_schedule = "cosine"
+  exp = Experiment(config)
+  state, _ = exp.init_state()
+  images = exp.sampler()(state.params, np.array([0, 1]), jax.random.PRNGKey(0), cfg_scale=2.0)
+  assert images.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
