@@ -4,7 +4,11 @@ Layout: `workdir/checkpoints/<step>/{state,data_iter}`. Saves are asynchronous
 (training goes on while the previous step's arrays are written) and atomic: Orbax
 writes into a temporary directory and renames it once complete, so a step
 directory that exists is a finished one. Restore puts every array onto the
-shardings of the *current* mesh, whatever mesh wrote it.
+shardings of the *current* mesh, whatever mesh and however many processes wrote
+it: the state is an Orbax PyTree (every process writes its own shards) and the
+data position is one small JSON item that does not depend on the process count.
+A checkpoint without a data item (e.g. one made by `python -m arjax convert`)
+resumes the data at batch `state.step`: every step consumes one batch.
 """
 import logging
 import os
@@ -39,11 +43,16 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items["data_iter"] = pipeline.iterator_restore_args(data_iter)
+    has_data_item = os.path.isdir(os.path.join(self.directory, str(step), "data_iter"))
+    if data_iter is not None and has_data_item:
+      items["data_iter"] = pipeline.iterator_restore_args()
     logging.info("restoring checkpoint %d from %s", step, self.directory)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    state = restored["state"]
+    if data_iter is not None:
+      position = restored["data_iter"] if has_data_item else int(state.step)
+      pipeline.set_iterator_position(data_iter, position)
+    return state
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -13,13 +13,17 @@ function of (seed, step) and the iterator's state is a single integer:
   positions 0..N-1 -> shuffle (reshuffled every epoch) -> repeat forever
     -> per-element flip draw (seeded by seed and the element's index in this
        global stream, so it does not depend on the number of processes)
-    -> shard: process p takes stream elements p, p + P, p + 2P, ...
+    -> shard: with G = global_batch_size and L = G // P, process p takes the
+       contiguous block [k*G + p*L, k*G + (p+1)*L) of global batch k
     -> read + validate + resize/convert channels + flip
-    -> batch(global_batch_size // P), normalise to [-1, 1]
+    -> batch(L), normalise to [-1, 1]
 
-With P processes, step k's local batches together hold exactly the global
-stream elements [k * global_batch_size, (k + 1) * global_batch_size), whatever
-P is. Since MapDataset is lazy, each process only reads its own share.
+With P processes, step k's local batches, concatenated in process order (as
+`jax.make_array_from_process_local_data` assembles them), are exactly the
+single-process batch k, row for row, whatever P is: per-row noise drawn over
+the global batch then meets the same example, so a run's numbers do not depend
+on the number of hosts. Since MapDataset is lazy, each process only reads its
+own share.
 
 The steps before the read are `element_stream`; a VAE latent cache (config.data.latents,
 arjax/data/latents.py) is read through the same stream, so it visits the same records with the
@@ -30,12 +34,14 @@ Checkpointing the iterator through Orbax (as an item of a CheckpointManager):
   manager = ocp.CheckpointManager(dir, item_names=("state", "data_iter"))
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data_iter=iterator_save_args(it)))
-  manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data_iter=iterator_restore_args(it)))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data_iter=iterator_restore_args()))
+  set_iterator_position(it, restored["data_iter"])
 
-No handler registration is needed beyond importing this module: importing
-`grain.checkpoint` registers its args with grain's CheckpointHandler, which
-writes one small JSON file per process (`process_<i>-of-<n>.json`).
+The item is one JSON file (written by process 0) holding the next batch number,
+which is the same on every process; so a checkpoint written by 2 processes
+resumes on 1 or on 16. (grain's own checkpoint handler writes one file per
+process, named after the process count, which ties a checkpoint to its topology.)
 """
 import contextlib
 import dataclasses
@@ -44,7 +50,6 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
-import grain.checkpoint
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
@@ -294,7 +299,24 @@ def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: 
   ds = grain.MapDataset.range(num_records).shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM))
   ds = ds.repeat()
   ds = ds.map_with_index(_FlipDraw(flip_seed))
-  return ds[process_index::process_count]
+  if process_count == 1:
+    return ds
+  block = _ProcessBlock(ds, global_batch_size, process_index, process_count)
+  return grain.MapDataset.range(len(ds) // process_count).map(block)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProcessBlock:
+  """Local element i -> the global stream element it stands for (see the module docstring)."""
+  stream: grain.MapDataset
+  global_batch_size: int
+  process_index: int
+  process_count: int
+
+  def __call__(self, index: int):
+    local = self.global_batch_size // self.process_count
+    step, row = divmod(index, local)
+    return self.stream[step * self.global_batch_size + self.process_index * local + row]
 
 
 def train_dataset(source, data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
@@ -339,13 +361,30 @@ def iterate(ds: grain.MapDataset, worker_count: int) -> grain.DatasetIterator:
 
 
 def iterator_save_args(iterator: grain.DatasetIterator) -> ocp.args.CheckpointArgs:
-  """Orbax args saving `iterator`'s position, as an item of a Composite checkpoint."""
-  return grain.checkpoint.CheckpointSave(iterator)
+  """Orbax args saving `iterator`'s position (JSON), as an item of a Composite checkpoint.
+
+  Taken now, synchronously: batches drawn while an asynchronous save is still
+  writing do not leak into it.
+  """
+  return ocp.args.JsonSave(dict(iterator.get_state()))
 
 
-def iterator_restore_args(iterator: grain.DatasetIterator) -> ocp.args.CheckpointArgs:
-  """Orbax args restoring a saved position into `iterator` (in place)."""
-  return grain.checkpoint.CheckpointRestore(iterator)
+def iterator_restore_args() -> ocp.args.CheckpointArgs:
+  """Orbax args reading a position saved by `iterator_save_args`; give the result to
+  `set_iterator_position`."""
+  return ocp.args.JsonRestore()
+
+
+def set_iterator_position(iterator: grain.DatasetIterator, position) -> None:
+  """Moves `iterator` to a saved position: the dict `iterator_save_args` wrote, or a plain
+  batch number (what a checkpoint without a data item implies: one batch per step)."""
+  if isinstance(position, int):
+    position = {"next_index": position}
+  expected = set(iterator.get_state())
+  if not isinstance(position, dict) or set(position) != expected:
+    raise ValueError(f"saved data position {position!r} does not fit this pipeline's iterator "
+                     f"(fields {sorted(expected)})")
+  iterator.set_state(position)
 
 
 # -----------------------------------------------------------------------------
