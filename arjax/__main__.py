@@ -19,6 +19,10 @@ config.data.latents); training reads it with --config.data.latents=DIR (see
 imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) into DIR; see
 `arjax.convert.official` and the README.
 
+Multi-host (train, sample, eval; see `arjax.distributed`): every process of the job runs the
+same command, plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
+ARJAX_* environment variables); on TPU pods and under SLURM `srun` the three are detected.
+
 Config fields are overridden on the command line, e.g. `--config.model.depth=4`
 or `--config.sample.cfg_scale=2.0`; unknown fields fail at start.
 """
@@ -56,6 +60,12 @@ _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint 
 _KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source holds; "
                           "default: detected from its parameter names.")
 
+# Multi-host: all three or none (then ARJAX_* env, then TPU-pod / SLURM auto-detection).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of "
+                                   "process 0's coordinator service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index.")
+
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
@@ -79,10 +89,14 @@ def main(argv):
 
   from arjax import configs  # imported late: `--help` stays instant
 
+  from arjax import distributed
+
   try:
     configs.validate(config)
+    coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(coords)
     _run(command, config, workdir)
-  except (configs.ConfigError, FileNotFoundError, OSError) as e:
+  except (configs.ConfigError, FileNotFoundError, OSError, distributed.SetupError) as e:
     # Mistakes a user can fix: one line naming the field or path, no traceback.
     sys.exit(f"error: {e}")
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import tqdm
 
-from arjax import checkpoint, configs
+from arjax import checkpoint, configs, sharding
 from arjax.data import pipeline
 from arjax.image_grid import save_class_grid
 
@@ -51,7 +51,7 @@ def sample_images(exp, params, labels: np.ndarray, *, progress: bool = True) -> 
     padded = np.resize(chunk, s.batch_size)  # one compiled shape for every batch
     images = sampler(params, padded, jax.random.fold_in(rng, i), cfg_scale=s.cfg_scale,
                      cfg_schedule_name=s.cfg_schedule, temperature=s.temperature)
-    out.append(pipeline.denormalize(np.asarray(jax.device_get(images)))[: len(chunk)])
+    out.append(pipeline.denormalize(sharding.to_host(images))[: len(chunk)])
   return np.concatenate(out)
 
 
@@ -59,8 +59,9 @@ def run(exp, workdir: str) -> dict:
   s, d = exp.config.sample, exp.config.data
   labels = parse_labels(s.labels, s.num_images, d.num_classes)
   params, step = restore_params(exp, workdir, s.use_ema)
-  images = sample_images(exp, params, labels)
-  npz = os.path.join(workdir, "samples.npz")
-  np.savez(npz, images=images, labels=labels.astype(np.int64))
-  png = save_class_grid(os.path.join(workdir, "samples.png"), images, labels)
+  images = sample_images(exp, params, labels, progress=jax.process_index() == 0)
+  npz, png = os.path.join(workdir, "samples.npz"), os.path.join(workdir, "samples.png")
+  if jax.process_index() == 0:  # every process holds all images; one writes them
+    np.savez(npz, images=images, labels=labels.astype(np.int64))
+    png = save_class_grid(png, images, labels)
   return {"npz": npz, "png": png, "step": step, "num_images": len(images)}

@@ -72,6 +72,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_batch_block(mesh: Mesh, global_batch_size: int) -> tuple:
+  """(block, blocks): this process's devices hold rows [block * L, (block + 1) * L) of every
+  global batch, L = global_batch_size // blocks. The data pipeline reads exactly that block.
+
+  On one process, and wherever the batch axes do not cross processes, that is (0, 1).
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = set()
+  for index in indices.values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  start, stop = min(rows), max(rows) + 1
+  size = stop - start
+  if len(rows) != size or global_batch_size % size or start % size:
+    raise ValueError(
+        f"process {jax.process_index()}'s devices hold rows {sorted(rows)[:8]}... of the global "
+        f"batch of {global_batch_size}: not one aligned contiguous block; order the mesh's "
+        "devices so that each process's devices are adjacent along the batch axes")
+  return start // size, global_batch_size // size
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def global_batch(local_batch, mesh: Mesh):
   """Assembles each process's numpy batch into one global array sharded over the batch axes."""
   sharding = batch_sharding(mesh)

@@ -21,11 +21,17 @@ from arjax.image_grid import save_class_grid
 from arjax.sampling import Sampler
 
 
-def train_iterator(config, tokenizer=None):
+def train_iterator(config, tokenizer=None, mesh=None):
   """This process's share of the training batches (a checkpointable grain iterator): images, or
-  VAE moments from the latent cache `config.data.latents` (checked against `tokenizer`)."""
+  VAE moments from the latent cache `config.data.latents` (checked against `tokenizer`).
+
+  The share is the block of rows of each global batch that this process's devices of `mesh`
+  hold (`sharding.process_batch_block`); without a mesh, the whole batch.
+  """
+  block, blocks = (0, 1) if mesh is None else sharding.process_batch_block(
+      mesh, config.train.global_batch_size)
   kwargs = dict(global_batch_size=config.train.global_batch_size, seed=config.data.shuffle_seed,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=block, process_count=blocks)
   if config.data.latents is not None:
     return latents.make_train_iterator(config, tokenizer, **kwargs)
   return pipeline.make_train_iterator(config.data, **kwargs)
@@ -36,7 +42,9 @@ def _write_grid(exp: Experiment, sampler: Sampler, params, step: int, workdir: s
   labels = np.repeat(np.arange(c.data.num_classes), 10)
   images = sampler(params, labels, jax.random.PRNGKey(c.sample.seed), cfg_scale=c.sample.cfg_scale,
                    cfg_schedule_name=c.sample.cfg_schedule, temperature=c.sample.temperature)
-  images = pipeline.denormalize(np.asarray(jax.device_get(images)))
+  images = pipeline.denormalize(sharding.to_host(images))
+  if jax.process_index() != 0:
+    return ""
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   return save_class_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), images, labels)
 
@@ -57,9 +65,12 @@ def check_finite(streak: int, metrics, done: int, limit: int) -> None:
       "last checkpoint holds no non-finite value")
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after=None):
-  """Trains to config.train.num_steps (or `stop_after` steps, for tests); returns the final state."""
-  exp = Experiment(config)
+def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
+  """Trains to config.train.num_steps (or `stop_after` steps, for tests); returns the final state.
+
+  `mesh`: the devices to train on; default the config's mesh over all devices of the job.
+  """
+  exp = Experiment(config, mesh=mesh)
   c = config
   check_workdir(workdir)
   is_chief = jax.process_index() == 0
@@ -68,7 +79,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None):
       f.write(c.to_json_best_effort(indent=2))
   if c.data.latents is None:  # a latent cache stands in for the images
     pipeline.prepare(c.data.name, c.data.data_dir)
-  data_iter = train_iterator(c, exp.tokenizer)
+  data_iter = train_iterator(c, exp.tokenizer, exp.mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints,
                                  save_every=c.train.checkpoint_every)
   if ckpt.latest_step() is not None:

@@ -15,7 +15,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # TFDS dataset name; 'digits' is prepared on the fly by arjax's own builder.
   config.data.name = "digits"
   # Where TFDS datasets live; None = $ARJAX_DATA_DIR or ~/.cache/arjax/tensorflow_datasets.
-  config.data.data_dir = None
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)
   config.data.train_split = "train"
   config.data.eval_split = "test"
   # Images are resized (if needed) to image_size x image_size with this many channels.
