@@ -17,6 +17,8 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from arjax.configs import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,17 +27,17 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
   """Resolves one -1 entry to the devices left over; checks the product."""
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"config.mesh.shape={tuple(shape)} must give {len(MESH_AXES)} sizes "
+    raise ConfigError(f"config.mesh.shape={tuple(shape)} must give {len(MESH_AXES)} sizes "
                      f"for the axes {MESH_AXES}")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh.shape={tuple(shape)}: sizes must be positive, at most one -1")
+    raise ConfigError(f"config.mesh.shape={tuple(shape)}: sizes must be positive, at most one -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"config.mesh.shape={tuple(shape)} cannot be filled with {num_devices} devices")
+      raise ConfigError(f"config.mesh.shape={tuple(shape)} cannot be filled with {num_devices} devices")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
+    raise ConfigError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
                      f"{num_devices} are present")
   return tuple(shape)
 
@@ -52,14 +54,51 @@ def rules_from_config(sharding_cfg) -> tuple:
   for name, axes in sharding_cfg.rules:
     for axis in (axes,) if isinstance(axes, str) else (axes or ()):
       if axis not in MESH_AXES:
-        raise ValueError(f"config.sharding.rules: {name!r} maps to unknown mesh axis {axis!r}; "
+        raise ConfigError(f"config.sharding.rules: {name!r} maps to unknown mesh axis {axis!r}; "
                          f"mesh axes are {MESH_AXES}")
     rules.append((name, tuple(axes) if isinstance(axes, list) else axes))
   return tuple(rules)
 
 
+class ShardingError(ConfigError):
+  """The mesh and the rules table cannot shard the model as asked (a config mistake)."""
+
+
+def check_rules(boxed_tree, mesh: Mesh, rules) -> None:
+  """Fails, naming the array, axis and sizes, where the rules cannot shard `boxed_tree`.
+
+  Two mistakes are caught here, at start-up, rather than as an XLA error (or worse, silently
+  replicated weights): a logical axis name the rules table does not list (a typo, or a model
+  feature whose axis was never given a rule), and a dimension that its mesh axes do not
+  divide (e.g. 6 heads on a tensor axis of 4).
+  """
+  table = dict(rules)
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=is_boxed):
+    if not is_boxed(leaf):
+      continue
+    where = jax.tree_util.keystr(path)
+    for dim, name in zip(leaf.value.shape, leaf.names):
+      if name is None:
+        continue
+      if name not in table:
+        raise ShardingError(
+            f"{where} has logical axis {name!r}, which config.sharding.rules does not list; "
+            f"add e.g. ({name!r}, None) to replicate it (listed: {sorted(table)})")
+      axes = table[name]
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        raise ShardingError(
+            f"{where}: its {name!r} dimension is {dim}, which the mesh axes {axes} "
+            f"(config.sharding.rules) of total size {size} (config.mesh.shape="
+            f"{tuple(mesh.shape[a] for a in MESH_AXES)} over {MESH_AXES}) do not divide; change "
+            f"the mesh, the rule for {name!r}, or the model size")
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a pytree of `nn.LogicallyPartitioned` (abstract) values."""
+  """NamedShardings for a pytree of `nn.LogicallyPartitioned` (abstract) values, checked first."""
+  check_rules(boxed_tree, mesh, rules)
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
 
 
