@@ -9,6 +9,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache shared by the tests and the `python -m arjax` processes they
+# start (through the environment): many tests compile the same smoke-size step, and on two
+# cores compiling is most of their time. A cached executable is the very binary a fresh
+# compile gives, so no number changes. A truncated entry (a test kills a process mid-write)
+# is reported by JAX and recompiled.
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Keep TFDS quiet and off the network: nothing in the tests may download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 

@@ -99,9 +99,10 @@ def test_train_step_compiles_once_over_50_steps_of_changing_masks():
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert step._cache_size() == 1
-  # The step itself compiles once; a handful of tiny helper programs (e.g. the host
-  # loop's array ops) may compile too, but nothing scales with the number of steps.
-  assert 1 <= len(compiles) <= 3, compiles
+  # The step itself compiles at most once (not at all when the persistent compilation
+  # cache of tests/conftest.py already holds it); a handful of tiny helper programs (e.g.
+  # the host loop's array ops) may compile too, but nothing scales with the number of steps.
+  assert len(compiles) <= 3, compiles
   assert np.isfinite(losses).all()
   # The masks really changed: the drawn kept counts cover both buckets of this config.
   buckets = masked_ar.bucket_sizes(masked_ar.max_kept(16, 0.7), config.model.mask_buckets)
