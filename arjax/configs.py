@@ -50,6 +50,10 @@ MODEL_SCHEMAS: Dict[str, Schema] = {
         "model.num_heads": ((int,), _pos, "> 0"),
         "model.mlp_ratio": ((float, int), _pos, "> 0"),
         "model.num_class_tokens": ((int,), _pos, "> 0"),
+        # Blocks as one nn.scan (params with a leading 'layers' axis) and their remat policy.
+        "model.scan_layers": ((bool,), None, ""),
+        "model.remat": ((str,), lambda v: v in ("none", "full", "dots", "dots_no_batch"),
+                        "one of 'none', 'full', 'dots', 'dots_no_batch'"),
     },
     # MAR's masked encoder-decoder in random order (arjax/models/mar.py).
     "mar": {

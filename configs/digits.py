@@ -50,6 +50,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.num_class_tokens = 4
   # Share of labels replaced by the null class in training (enables CFG).
   config.model.label_drop = 0.1
+  # Blocks stacked by nn.scan (compile time flat in depth; parameters gain a 'layers' axis)
+  # and what the backward pass recomputes: 'none', 'full', 'dots', 'dots_no_batch'. Six blocks
+  # compile quickly unrolled, and the activations are small.
+  config.model.scan_layers = False
+  config.model.remat = "none"
   # Compute dtype; parameters and optimizer state stay float32.
   config.model.dtype = "float32"
 
@@ -97,6 +102,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("kv", None),
       ("length", None),
+      ("layers", None),  # the stacked axis of scanned blocks: each device holds every layer
       ("classes", None),
       ("token", None),
       ("norm", None),

@@ -36,6 +36,10 @@ class CausalTransformer(nn.Module):
   num_classes: int
   num_class_tokens: int
   dtype: Dtype = jnp.float32
+  # Blocks as one nn.scan over a stacked 'layers' axis (compile time flat in depth) and their
+  # jax.checkpoint policy (see layers.block_stack); the KV cache is stacked alike when scanned.
+  scan_layers: bool = False
+  remat: str = "none"
 
   def setup(self):
     self.class_embed = self.param(
@@ -49,9 +53,10 @@ class CausalTransformer(nn.Module):
     self.token_in = nn.Dense(
         self.width, dtype=self.dtype, kernel_init=layers.dense_init(("token", "embed")),
         bias_init=layers.zeros_init(("embed",)))
-    self.blocks = [
-        layers.DecoderBlock(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block_{i}")
-        for i in range(self.depth)]
+    self.blocks = layers.block_stack(
+        layers.DecoderBlock, depth=self.depth, scan=self.scan_layers, remat=self.remat,
+        name="block", per_layer_args=1, broadcast_args=1, num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype)
     self.final_norm = layers.RMSNorm(dtype=self.dtype)
 
   def cache_length(self) -> int:
@@ -62,9 +67,12 @@ class CausalTransformer(nn.Module):
     return prefix.reshape(labels.shape[0], self.num_class_tokens, self.width)
 
   def _run_blocks(self, h, cache, index):
+    if self.scan_layers:
+      h, new_cache = self.blocks(h, cache, index)
+      return self.final_norm(h), new_cache
     new_cache = []
     for i, block in enumerate(self.blocks):
-      h, layer_cache = block(h, cache=None if cache is None else cache[i], index=index)
+      h, layer_cache = block(h, None if cache is None else cache[i], index)
       new_cache.append(layer_cache)
     return self.final_norm(h), (None if cache is None else new_cache)
 
@@ -84,6 +92,8 @@ class CausalTransformer(nn.Module):
   def init_cache(self, batch_size: int, dtype=jnp.float32):
     head_dim = self.width // self.num_heads
     shape = (batch_size, self.cache_length(), self.num_heads, head_dim)
+    if self.scan_layers:
+      return {"k": jnp.zeros((self.depth,) + shape, dtype), "v": jnp.zeros((self.depth,) + shape, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.depth)]
 
   def prefill(self, labels, cache):

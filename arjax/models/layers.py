@@ -121,7 +121,7 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, cache: Optional[KVCache] = None, index=None):
+  def __call__(self, x, cache: Optional[KVCache] = None, index=None):
     width = x.shape[-1]
     hidden = swiglu_hidden(width, self.mlp_ratio)
     h, new_cache = Attention(self.num_heads, dtype=self.dtype, name="attn")(
@@ -131,3 +131,41 @@ class DecoderBlock(nn.Module):
         RMSNorm(dtype=self.dtype, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, new_cache
+
+
+# jax.checkpoint policies by config name (`model.remat`): what the backward pass may keep from
+# the forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmuls
+}
+
+
+def block_stack(block_cls, *, depth: int, scan: bool, remat: str, name: str,
+                per_layer_args: int = 0, broadcast_args: int = 0, **block_kwargs):
+  """`depth` blocks of `block_cls`, as a list of modules or as one scanned module.
+
+  Unrolled (`scan=False`): a list of modules named `{name}_{i}`, one parameter subtree each,
+  called in a loop (compile time grows with depth). Scanned (`scan=True`): one module
+  `{name}s` whose parameters carry a leading 'layers' axis of size `depth`, applied by
+  `nn.scan` (one traced block, compile time flat in depth). The block is called as
+  `block(x, *per_layer, *broadcast) -> (x, per_layer_out)`: `x` is the carry; the first
+  `per_layer_args` arguments are per layer (stacked on axis 0 when scanned: e.g. a KV cache),
+  the last `broadcast_args` are shared by all layers (e.g. the decode position).
+
+  `remat` wraps each block in `jax.checkpoint` with a policy of REMAT_POLICIES.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r}; known: {sorted(REMAT_POLICIES)}")
+  cls = block_cls
+  if remat != "none":
+    # Under scan the remat sits inside the loop body, where CSE cannot undo it.
+    cls = nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+  if not scan:
+    return [cls(**block_kwargs, name=f"{name}_{i}") for i in range(depth)]
+  return nn.scan(
+      cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=(0,) * per_layer_args + (nn.broadcast,) * broadcast_args, length=depth,
+      metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs, name=f"{name}s")
