@@ -42,6 +42,14 @@ TOKENIZER_SCHEMAS: Dict[str, Schema] = {
     },
 }
 
+# Both families: blocks as one nn.scan (params with a leading 'layers' axis), and their remat
+# policy (arjax/models/layers.py block_stack).
+_BLOCK_STACK_SCHEMA: Schema = {
+    "model.scan_layers": ((bool,), None, ""),
+    "model.remat": ((str,), lambda v: v in ("none", "full", "dots", "dots_no_batch"),
+                    "one of 'none', 'full', 'dots', 'dots_no_batch'"),
+}
+
 MODEL_SCHEMAS: Dict[str, Schema] = {
     # Raster-order decoder with a KV cache (arjax/models/causal.py).
     "causal": {
@@ -50,10 +58,7 @@ MODEL_SCHEMAS: Dict[str, Schema] = {
         "model.num_heads": ((int,), _pos, "> 0"),
         "model.mlp_ratio": ((float, int), _pos, "> 0"),
         "model.num_class_tokens": ((int,), _pos, "> 0"),
-        # Blocks as one nn.scan (params with a leading 'layers' axis) and their remat policy.
-        "model.scan_layers": ((bool,), None, ""),
-        "model.remat": ((str,), lambda v: v in ("none", "full", "dots", "dots_no_batch"),
-                        "one of 'none', 'full', 'dots', 'dots_no_batch'"),
+        **_BLOCK_STACK_SCHEMA,
     },
     # MAR's masked encoder-decoder in random order (arjax/models/mar.py).
     "mar": {
@@ -69,6 +74,7 @@ MODEL_SCHEMAS: Dict[str, Schema] = {
         "model.mask_ratio_min": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
         "model.mask_ratio_std": ((float, int), _pos, "> 0"),
         "model.mask_buckets": ((int,), _pos, "> 0"),
+        **_BLOCK_STACK_SCHEMA,
     },
 }
 

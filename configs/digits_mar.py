@@ -37,6 +37,10 @@ def mar_model(encoder_width, encoder_depth, encoder_heads, decoder_width, decode
   m.mask_ratio_std = 0.25
   # Padded encoder sizes compiled into the train step's lax.switch (arjax/models/masked_ar.py).
   m.mask_buckets = 4
+  # Blocks under one nn.scan each for encoder and decoder, and the remat policy (see
+  # configs/digits.py); unrolled keeps MAR's per-block parameter names.
+  m.scan_layers = False
+  m.remat = "none"
   m.dtype = dtype
   return m
 

@@ -167,6 +167,31 @@ def test_restored_model_reproduces_the_official_decoder_z(restored):
 
 
 @needs_golden
+def test_official_weights_load_into_scanned_blocks_and_reproduce_the_decoder_z(converted):
+  """With model.scan_layers the converter stacks MAR's per-block weights on the 'layers' axis;
+  the scanned encoder/decoder then give the official decoder z as the unrolled ones do."""
+  from arjax import configs
+  from arjax.convert import official
+  from arjax.experiment import Experiment
+  from arjax.models.masked_ar import MaskedARModel
+
+  config = configs.load(str(converted[0] / "config.py"))
+  config.model.scan_layers = True
+  config.model.remat = "full"
+  exp = Experiment(config)
+  params = official.mar_params(golden_state_dict(MAR_GOLDEN), exp)
+  qkv = params["backbone"]["encoder_blocks"]["attn"]["query"]["kernel"]
+  assert qkv.shape[0] == config.model.encoder_depth
+  with np.load(MAR_GOLDEN, allow_pickle=False) as d:
+    x, mask, labels, golden = d["in/x"], d["in/mask"], d["in/labels"], d["out/decoder_z"]
+  num_kept = int((~mask.astype(bool)).sum(axis=1)[0])
+  z = exp.model.apply({"params": params}, jnp.asarray(x), jnp.asarray(mask, bool),
+                      jnp.asarray(labels, jnp.int32), num_kept, method=MaskedARModel.condition)
+  err = np.abs(np.asarray(z) - golden).max() / np.abs(golden).max()
+  assert err < 1e-4, err
+
+
+@needs_golden
 def test_sample_command_runs_unchanged_on_the_converted_dir(converted):
   out = converted[0]
   # One encoder padding (kept_buckets=1): one scan to compile instead of four.

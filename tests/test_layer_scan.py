@@ -11,7 +11,7 @@ import pytest
 
 from arjax import configs, tokenizers
 from arjax.experiment import Experiment
-from arjax.models import ar_model
+from arjax.models import ar_model, layers
 from arjax.sampling import sample_tokens
 from tests.conftest import REPO_ROOT
 
@@ -28,10 +28,8 @@ def _build(scan_layers, remat="none", depth=3):
 
 def _stack_blocks(params, depth):
   """Unrolled parameters (block_0 .. block_{d-1}) -> scanned ones (blocks, leading layer axis)."""
-  backbone = dict(params["backbone"])
-  blocks = [backbone.pop(f"block_{i}") for i in range(depth)]
-  backbone["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
-  return {**params, "backbone": backbone}
+  return {**params, "backbone": layers.stack_unrolled_blocks(params["backbone"], "block", depth,
+                                                             "blocks")}
 
 
 @pytest.fixture(scope="module")

@@ -301,6 +301,7 @@ def mar_params(state_dict: Mapping[str, np.ndarray], exp, *, what: str = "state 
   """
   from arjax.convert.mar_backbone import backbone_params_from_state_dict
   from arjax.convert.mar_head import diffloss_params_from_state_dict
+  from arjax.models import layers
 
   errors = []
   # Each converter judges only its own keys; a 'diffloss.' key outside the net is neither's.
@@ -310,8 +311,12 @@ def mar_params(state_dict: Mapping[str, np.ndarray], exp, *, what: str = "state 
     errors.append("MAR state dict:\n" + "\n".join(f"  unexpected: {k}" for k in strays))
   params = {}
   try:
-    params["backbone"] = backbone_params_from_state_dict(
-        state_dict, _mar_kwargs(exp.model.backbone))
+    backbone = exp.model.backbone
+    params["backbone"] = backbone_params_from_state_dict(state_dict, _mar_kwargs(backbone))
+    if backbone.scan_layers:  # MAR's per-block weights onto the scanned 'layers' axis
+      for name, depth in (("encoder_blocks", backbone.encoder_depth),
+                          ("decoder_blocks", backbone.decoder_depth)):
+        params["backbone"] = layers.stack_unrolled_blocks(params["backbone"], name, depth, name)
   except ValueError as e:
     errors.append(str(e))
   try:

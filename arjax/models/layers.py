@@ -144,12 +144,13 @@ REMAT_POLICIES = {
 
 
 def block_stack(block_cls, *, depth: int, scan: bool, remat: str, name: str,
-                per_layer_args: int = 0, broadcast_args: int = 0, **block_kwargs):
+                scan_name: Optional[str] = None, per_layer_args: int = 0, broadcast_args: int = 0,
+                **block_kwargs):
   """`depth` blocks of `block_cls`, as a list of modules or as one scanned module.
 
   Unrolled (`scan=False`): a list of modules named `{name}_{i}`, one parameter subtree each,
   called in a loop (compile time grows with depth). Scanned (`scan=True`): one module
-  `{name}s` whose parameters carry a leading 'layers' axis of size `depth`, applied by
+  `scan_name` (default `{name}s`) whose parameters carry a leading 'layers' axis of size `depth`, applied by
   `nn.scan` (one traced block, compile time flat in depth). The block is called as
   `block(x, *per_layer, *broadcast) -> (x, per_layer_out)`: `x` is the carry; the first
   `per_layer_args` arguments are per layer (stacked on axis 0 when scanned: e.g. a KV cache),
@@ -168,4 +169,13 @@ def block_stack(block_cls, *, depth: int, scan: bool, remat: str, name: str,
   return nn.scan(
       cls, variable_axes={"params": 0}, split_rngs={"params": True},
       in_axes=(0,) * per_layer_args + (nn.broadcast,) * broadcast_args, length=depth,
-      metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs, name=f"{name}s")
+      metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs, name=scan_name or f"{name}s")
+
+
+def stack_unrolled_blocks(params: dict, name: str, depth: int, scan_name: str) -> dict:
+  """Unrolled parameters `{name}_0 .. {name}_{depth-1}` (e.g. converted from PyTorch) ->
+  the scanned layout `scan_name` with a leading layer axis; other entries unchanged."""
+  params = dict(params)
+  blocks = [params.pop(f"{name}_{i}") for i in range(depth)]
+  params[scan_name] = jax.tree.map(lambda *layer: jnp.stack(layer), *blocks)
+  return params

@@ -121,6 +121,8 @@ class ViTBlock(nn.Module):
   mlp_ratio: float
   norm_eps: float
   dtype: Dtype = jnp.float32
+  # Under nn.scan a block must return (carry, per-layer output): (x, None).
+  scan_carry: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask=None):
@@ -129,7 +131,8 @@ class ViTBlock(nn.Module):
         _norm(self.norm_eps, self.dtype, "norm1")(x), key_mask)
     x = x + ViTMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
         _norm(self.norm_eps, self.dtype, "norm2")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, None) if self.scan_carry else x
 
 
 def _kept_order(mask, buffer_size: int):
@@ -160,6 +163,17 @@ class MarBackbone(nn.Module):
   # mar_base/large/huge pass partial(nn.LayerNorm, eps=1e-6); z_proj_ln is always 1e-6.
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  # Encoder and decoder blocks each as one nn.scan ('layers' axis; per-block intermediates are
+  # then not sown) and their jax.checkpoint policy; see layers.block_stack.
+  scan_layers: bool = False
+  remat: str = "none"
+
+  def _blocks(self, name: str, depth: int, num_heads: int, broadcast_args: int):
+    return layers.block_stack(
+        ViTBlock, depth=depth, scan=self.scan_layers, remat=self.remat, name=name,
+        scan_name=name, broadcast_args=broadcast_args, num_heads=num_heads,
+        mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps, dtype=self.dtype,
+        scan_carry=self.scan_layers)
 
   def setup(self):
     d_enc, d_dec = self.encoder_embed_dim, self.decoder_embed_dim
@@ -175,9 +189,8 @@ class MarBackbone(nn.Module):
     self.encoder_pos_embed_learned = self.param(
         "encoder_pos_embed_learned", normal(0.02, ("length", "embed")), (length, d_enc),
         jnp.float32)
-    self.encoder_blocks = [
-        ViTBlock(self.encoder_num_heads, self.mlp_ratio, self.norm_eps, self.dtype,
-                 name=f"encoder_blocks_{i}") for i in range(self.encoder_depth)]
+    self.encoder_blocks = self._blocks("encoder_blocks", self.encoder_depth,
+                                       self.encoder_num_heads, broadcast_args=1)
     self.encoder_norm = _norm(self.norm_eps, self.dtype, "encoder_norm")
     # Encoder width in, decoder width out: the input axis stays unsharded ('mlp_out').
     self.decoder_embed = _dense(d_dec, ("mlp_out", "embed"), "decoder_embed", self.dtype)
@@ -185,9 +198,8 @@ class MarBackbone(nn.Module):
     self.decoder_pos_embed_learned = self.param(
         "decoder_pos_embed_learned", normal(0.02, ("length", "embed")), (length, d_dec),
         jnp.float32)
-    self.decoder_blocks = [
-        ViTBlock(self.decoder_num_heads, self.mlp_ratio, self.norm_eps, self.dtype,
-                 name=f"decoder_blocks_{i}") for i in range(self.decoder_depth)]
+    self.decoder_blocks = self._blocks("decoder_blocks", self.decoder_depth,
+                                       self.decoder_num_heads, broadcast_args=0)
     self.decoder_norm = _norm(self.norm_eps, self.dtype, "decoder_norm")
     self.diffusion_pos_embed_learned = self.param(
         "diffusion_pos_embed_learned", normal(0.02, ("length", "embed")), (self.seq_len, d_dec),
@@ -241,9 +253,12 @@ class MarBackbone(nn.Module):
     h = jnp.take_along_axis(h, kept[:, :, None], axis=1)
     real = ~jnp.take_along_axis(with_buffer, kept, axis=1)
     self.sow("intermediates", "enc_blocks_in", h)
-    for i, block in enumerate(self.encoder_blocks):
-      h = block(h, real)
-      self.sow("intermediates", f"enc_block{i}", h)
+    if self.scan_layers:
+      h, _ = self.encoder_blocks(h, real)
+    else:
+      for i, block in enumerate(self.encoder_blocks):
+        h = block(h, real)
+        self.sow("intermediates", f"enc_block{i}", h)
     h = self.encoder_norm(h)
     self.sow("intermediates", "encoder", h)
     return h
@@ -266,9 +281,12 @@ class MarBackbone(nn.Module):
     h = jnp.where(kept[:, :, None], gathered, self.mask_token.astype(h.dtype))
     h = h + self.decoder_pos_embed_learned[None].astype(h.dtype)
     self.sow("intermediates", "dec_blocks_in", h)
-    for i, block in enumerate(self.decoder_blocks):
-      h = block(h)
-      self.sow("intermediates", f"dec_block{i}", h)
+    if self.scan_layers:
+      h, _ = self.decoder_blocks(h)
+    else:
+      for i, block in enumerate(self.decoder_blocks):
+        h = block(h)
+        self.sow("intermediates", f"dec_block{i}", h)
     h = self.decoder_norm(h)
     self.sow("intermediates", "dec_norm", h)
     z = h[:, self.buffer_size:] + self.diffusion_pos_embed_learned[None].astype(h.dtype)
