@@ -43,7 +43,7 @@ HARDWARE: Mapping[str, Hardware] = {
     # shard over 64 chips would be ~3M parameters: latency-bound all-gathers).
     "v5p-128": Hardware(64, 95, (4, 16, 1), "TPU v5p-128: 64 chips, 95 GiB HBM each"),
     # One host with 8 NVLink-connected H100 80GB. FSDP over the 8 GPUs: NVLink makes its
-    # collectives cheap, and the memory it frees (14 GiB per GPU for MAR-H, see
+    # collectives cheap, and the memory it frees (13 GiB per GPU for MAR-H, see
     # docs/presets.md) goes to a larger share of the batch.
     "h100x8": Hardware(8, 80, (1, 8, 1), "8 x NVIDIA H100 80GB (one host, NVLink)"),
 }

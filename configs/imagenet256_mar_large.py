@@ -11,7 +11,7 @@ import os
 from arjax import configs, hardware
 
 # Global batch per hardware variant where the recipe's 2048 does not fit (the rule in
-# arjax/hardware.py): 32 images per device, 1.54 GiB of saved activations each.
+# arjax/hardware.py): 32 images per device, 1.5 GiB of saved activations each.
 BATCH_ON_HARDWARE = {"v5p-32": 512, "h100x8": 256}
 
 
