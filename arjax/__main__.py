@@ -19,6 +19,11 @@ config.data.latents); training reads it with --config.data.latents=DIR (see
 imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) into DIR; see
 `arjax.convert.official` and the README.
 
+    python -m arjax describe --config=configs/X.py [--num_devices=N]
+
+prints the config's parameters, FLOPs per train step and per sampled image, and memory per
+device on its mesh, without compiling anything (see `arjax.describe`).
+
 Multi-host (train, sample, eval; see `arjax.distributed`): every process of the job runs the
 same command, plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
 ARJAX_* environment variables); on TPU pods and under SLURM `srun` the three are detected.
@@ -34,7 +39,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert")
+COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -59,6 +64,8 @@ _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint 
                               "(.pth/.ckpt through torch weights_only, .npz, .safetensors).")
 _KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source holds; "
                           "default: detected from its parameter names.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "
+                                    "-1 in config.mesh.shape; default jax.device_count().")
 
 # Multi-host: all three or none (then ARJAX_* env, then TPU-pod / SLURM auto-detection).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of "
@@ -75,7 +82,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from arjax.convert import official
     return official.run_cli(_SOURCE.value, _OUT.value, _CONFIG.value, _KIND.value)
-  if argv[1] == "bench":
+  if argv[1] == "describe":
+    if _CONFIG.value is None:
+      raise app.UsageError("describe: --config is required")
+  elif argv[1] == "bench":
     if _CONFIG.value is None or _MODE.value is None:
       raise app.UsageError("bench: --config and --mode=train|sample are required")
   elif argv[1] == "cache_latents":
@@ -126,6 +136,10 @@ def _run(command, config, workdir):
     print(f"{meta['num_examples']} {meta['split']!r} images (and their flips) of "
           f"{meta['dataset']!r} cached in {out}\n"
           f"train on them: --config.data.latents={out}")
+  elif command == "describe":
+    from arjax import describe
+    print(describe.format_table(config, describe.describe(config, _NUM_DEVICES.value),
+                                flags.FLAGS["config"].config_filename))
   elif command == "bench":
     from arjax import bench
     path = bench.report_path(_MODE.value, _OUT.value, workdir)

@@ -144,7 +144,10 @@ def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, mask_ratio_s
   r = np.linspace(mask_ratio_min, 1.0, 20001)
   weights = np.exp(-0.5 * ((r - 1.0) / mask_ratio_std) ** 2)
   kept = num_tokens - np.maximum(np.ceil(num_tokens * r), 1)
-  return float(np.sum(weights * np.vectorize(f)(kept)) / np.sum(weights))
+  # f once per distinct count (at most L + 1 of them), not once per point of the grid.
+  counts, index = np.unique(kept, return_inverse=True)
+  f_kept = np.array([f(count) for count in counts])[index]
+  return float(np.sum(weights * f_kept) / np.sum(weights))
 
 
 def mar_backbone_flops(config, num_tokens: int, token_dim: int, rows: int, known: int) -> int:
@@ -234,7 +237,8 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
   which MFU by convention does not credit.
   """
   m, h = config.model, config.head
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  # Token shapes only: a VAE tokenizer's weights are not read, so FLOPs need no checkpoint.
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data, abstract=True)
   if m.family == "mar":
     return _mar_flops(config, mode, batch_size, tokenizer)
   d, t = tokenizer.token_dim, tokenizer.num_tokens

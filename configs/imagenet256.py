@@ -6,10 +6,18 @@ config to validate and inspect:
   python -m arjax train --config=configs/imagenet256.py --workdir=gs://BUCKET/imagenet256
 
 Pixel patches stand in until the KL-16 VAE tokenizer lands (then 16x16 latents of dim 16).
+
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
+  python -m arjax describe --config=configs/imagenet256.py:v5p-32
 """
 import os
 
-from arjax import configs
+from arjax import configs, hardware
+
+# Global batch per hardware variant where the recipe's 1024 does not fit (the rule in
+# arjax/hardware.py): 64 images per GPU, 0.73 GiB of saved activations each.
+BATCH_ON_HARDWARE = {"h100x8": 512}
 
 
 def get_config(variant: str = ""):
@@ -51,6 +59,5 @@ def get_config(variant: str = ""):
   config.sample.cfg_schedule = "linear"
   config.sample.num_steps = 50
   config.sample.batch_size = 256
-  if variant:
-    raise ValueError(f"configs/imagenet256.py has no variant {variant!r}")
-  return config
+  return hardware.hardware_variant(config, variant, "configs/imagenet256.py",
+                                   global_batch_size=BATCH_ON_HARDWARE)

@@ -1,13 +1,21 @@
 """MAR-H on ImageNet 256x256: MAR-B's recipe (configs/imagenet256_mar_base.py) at the huge size.
 
 Encoder/decoder 1280 wide, 20 blocks, 16 heads; DiffLoss 12 x 1536; linear CFG 3.2 (FID 1.55).
+
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
+  python -m arjax describe --config=configs/imagenet256_mar_huge.py:v5p-32
 """
 import os
 
-from arjax import configs
+from arjax import configs, hardware
+
+# Global batch per hardware variant where the recipe's 2048 does not fit (the rule in
+# arjax/hardware.py): 16 images per device, 2.4 GiB of saved activations each.
+BATCH_ON_HARDWARE = {"v5p-32": 256, "v5p-128": 1024, "h100x8": 128}
 
 
 def get_config(variant: str = ""):
-  if variant:
-    raise ValueError(f"configs/imagenet256_mar_huge.py has no variant {variant!r}")
-  return configs.load(os.path.join(os.path.dirname(__file__), "imagenet256_mar_base.py:huge"))
+  config = configs.load(os.path.join(os.path.dirname(__file__), "imagenet256_mar_base.py:huge"))
+  return hardware.hardware_variant(config, variant, "configs/imagenet256_mar_huge.py",
+                                   global_batch_size=BATCH_ON_HARDWARE)

@@ -1,13 +1,21 @@
 """MAR-L on ImageNet 256x256: MAR-B's recipe (configs/imagenet256_mar_base.py) at the large size.
 
 Encoder/decoder 1024 wide, 16 blocks, 16 heads; DiffLoss 8 x 1280; linear CFG 3.0 (FID 1.78).
+
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
+  python -m arjax describe --config=configs/imagenet256_mar_large.py:v5p-32
 """
 import os
 
-from arjax import configs
+from arjax import configs, hardware
+
+# Global batch per hardware variant where the recipe's 2048 does not fit (the rule in
+# arjax/hardware.py): 32 images per device, 1.5 GiB of saved activations each.
+BATCH_ON_HARDWARE = {"v5p-32": 512, "h100x8": 256}
 
 
 def get_config(variant: str = ""):
-  if variant:
-    raise ValueError(f"configs/imagenet256_mar_large.py has no variant {variant!r}")
-  return configs.load(os.path.join(os.path.dirname(__file__), "imagenet256_mar_base.py:large"))
+  config = configs.load(os.path.join(os.path.dirname(__file__), "imagenet256_mar_base.py:large"))
+  return hardware.hardware_variant(config, variant, "configs/imagenet256_mar_large.py",
+                                   global_batch_size=BATCH_ON_HARDWARE)
