@@ -5,14 +5,18 @@
   python launch/tpu_pod.py logs --name=arjax-b --zone=us-east5-a
   python launch/tpu_pod.py delete --name=arjax-b --zone=us-east5-a
 
-Sub-commands: create (the TPU VM), setup (repo + venv with jax[tpu] on every worker), train
-(start `python -m arjax train` under nohup on every worker), logs (tail each worker's log, or
+Sub-commands: create (the TPU VM), setup (repo + venv with jax[tpu] on every worker, and the
+bucket mounted there with Cloud Storage FUSE), train (start `python -m arjax train` under nohup on
+every worker, remounting the bucket first if the mount is gone), logs (tail each worker's log, or
 --collect them through the bucket), stop, delete, upload-data (a local TFDS dir to the bucket)
 and up (= create, setup, train). Every command runs on all workers (`--worker=all`): a pod is one
 SPMD program, and arjax's `jax.distributed.initialize()` finds the other workers by itself.
-Checkpoints and data live on the bucket, so a deleted or preempted slice loses nothing but its
-logs; training on the same --workdir resumes from the newest checkpoint. --dry-run prints every
-command in order and runs nothing. See launch/README.md.
+
+arjax reads and writes local paths only, so the user names gs:// URLs (--bucket, --workdir,
+--data-dir) and arjax gets their paths under the mount: gs://BUCKET/x is /gcs/BUCKET/x on every
+worker. Checkpoints and data live on the bucket, so a deleted or preempted slice loses nothing but
+its logs; training on the same --workdir resumes from the newest checkpoint. --dry-run prints
+every command in order and runs nothing. See launch/README.md.
 """
 import argparse
 import dataclasses
@@ -52,11 +56,33 @@ _ACCELERATOR = re.compile(r"^(?P<generation>v2|v3|v4|v5p|v5litepod|v6e)-(?P<coun
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _PROJECT = re.compile(r"^([a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$")
-_BUCKET = re.compile(r"^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/[^\s]*)?$")
+_BUCKET = re.compile(r"^gs://(?P<name>[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9])(/[^\s]*)?$")
 _GIT_URL = re.compile(r"^(https?://|ssh://|git://|file://|git@[^:]+:)")
 _PYTHON_VERSION = re.compile(r"^3\.[0-9]+(\.[0-9]+)?$")
 # JAX pinned in setup.cfg needs Python >= 3.11; TPU VM images ship 3.10, so uv provides one.
 DEFAULT_PYTHON_VERSION = "3.11"
+
+# Every worker mounts the bucket at MOUNT_ROOT/BUCKET with Cloud Storage FUSE (gcsfuse): arjax
+# writes its workdir with os.makedirs/open and tensorboardX and reads TFDS data dirs as local
+# paths, none of which understands gs:// URLs. Sources for each flag: launch/README.md.
+MOUNT_ROOT = "/gcs"
+GCSFUSE_FLAGS = (
+    # Directories that exist only as prefixes of object names (everything uploaded by
+    # `gcloud storage rsync` or `cp -r`: the data, the weights) are invisible without it.
+    "--implicit-dirs",
+    # Orbax finalizes a checkpoint by renaming its temporary directory. On a bucket without
+    # hierarchical namespace gcsfuse renames a directory (object by object, not atomically) only
+    # if it has fewer descendants than this; the default 0 refuses every directory rename.
+    # 200000 is the value of gcsfuse's own aiml-checkpointing profile.
+    "--rename-dir-limit=200000",
+    # All workers write the same workdir; cached metadata is how stale one worker's view of the
+    # others' files may get. Newer gcsfuse never expires it on v5p/v6e machine types by default.
+    "--metadata-cache-ttl-secs=60",
+)
+# Google's apt repository for Cloud Storage FUSE and the key it is signed with.
+GCSFUSE_APT_SOURCE = ("deb [signed-by=/usr/share/keyrings/cloud.google.asc] "
+                      "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main")
+GCSFUSE_APT_KEY = "https://packages.cloud.google.com/apt/doc/apt-key.gpg"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +111,36 @@ class Repo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bucket:
+  """The Cloud Storage bucket the workers mount; `url` is --bucket (gs://NAME[/PREFIX])."""
+  name: str
+  url: str
+
+  @property
+  def mount_point(self) -> str:
+    return f"{MOUNT_ROOT}/{self.name}"
+
+  def local_path(self, url: str) -> str:
+    """Where a worker sees gs://NAME/PATH: MOUNT_ROOT/NAME/PATH (`url` checked to be inside)."""
+    return self.mount_point + url[len(f"gs://{self.name}"):]
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run: config, overrides and where its checkpoints and data live."""
+  """One training run: config, overrides and where its checkpoints and data live (gs:// URLs)."""
   config: str
-  workdir: str
-  data_dir: str
+  bucket: Bucket
+  workdir_url: str
+  data_dir_url: str
   overrides: tuple = ()
+
+  @property
+  def workdir(self) -> str:
+    return self.bucket.local_path(self.workdir_url)
+
+  @property
+  def data_dir(self) -> str:
+    return self.bucket.local_path(self.data_dir_url)
 
 
 # ---- command construction (pure) ----
@@ -125,8 +175,43 @@ def create_steps(pod: Pod, tpu: Slice) -> List[Step]:
   return [Step(argv, f"create TPU VM {pod.name} ({tpu.accelerator_type}, runtime {tpu.version})")]
 
 
-def setup_steps(pod: Pod, repo: Repo, python_version: str, archive: str) -> List[Step]:
-  """Copies the repo to every worker and installs it with jax[tpu] into a venv there (made once)."""
+def install_gcsfuse_lines() -> List[str]:
+  """Installs gcsfuse from Google's apt repository, unless the worker has it already."""
+  return [
+      "if ! command -v gcsfuse >/dev/null 2>&1; then",
+      f'  echo "{GCSFUSE_APT_SOURCE}" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null',
+      # curl writes the key itself, so that a failed download stops the script (no pipefail).
+      f"  sudo curl -fsSL -o /usr/share/keyrings/cloud.google.asc {GCSFUSE_APT_KEY}",
+      # Wait for an apt run that holds the dpkg lock (unattended upgrades, often, on a fresh VM).
+      "  sudo apt-get -o DPkg::Lock::Timeout=600 update -q",
+      "  sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse",
+      "fi",
+  ]
+
+
+def mount_lines(bucket: Bucket) -> List[str]:
+  """Mounts the bucket at its mount point unless it is mounted (a restarted or new VM is not)."""
+  mount = shlex.quote(bucket.mount_point)
+  return [
+      "command -v gcsfuse >/dev/null 2>&1 || { echo \"$(hostname): gcsfuse is not installed; "
+      "run the setup sub-command\" >&2; exit 1; }",
+      f"if ! mountpoint -q {mount}; then",
+      # A mount whose gcsfuse process died stays listed but answers "Transport endpoint is not
+      # connected"; it has to go before the bucket can be mounted there again.
+      f'  if grep -qsF " {bucket.mount_point} " /proc/mounts; then sudo umount -l {mount}; fi',
+      f"  sudo mkdir -p {mount}",
+      # Mounted by the user who trains (no -o allow_other needed: no other user reads it).
+      f'  sudo chown "$(id -u):$(id -g)" {mount}',
+      f"  gcsfuse {' '.join(GCSFUSE_FLAGS)} {shlex.quote(bucket.name)} {mount}",
+      f'  echo "$(hostname): mounted gs://{bucket.name} at {bucket.mount_point}"',
+      "fi",
+  ]
+
+
+def setup_steps(pod: Pod, repo: Repo, python_version: str, archive: str,
+                bucket: Bucket) -> List[Step]:
+  """Copies the repo to every worker and installs it with jax[tpu] into a venv there (made once);
+  installs gcsfuse there and mounts the bucket."""
   steps = []
   if repo.is_local:
     ref = repo.ref or "HEAD"
@@ -153,6 +238,8 @@ def setup_steps(pod: Pod, repo: Repo, python_version: str, archive: str) -> List
       f'[ -x "{python}" ] || uv venv --seed --python {python_version} "{REMOTE_VENV}"',
       f'"{python}" -m pip install --quiet --upgrade pip',
       f'"{python}" -m pip install --quiet -e "{REMOTE_REPO}" "jax[tpu]"',
+      *install_gcsfuse_lines(),
+      *mount_lines(bucket),
       # All workers run this together, as a pod must; each reports what it sees.
       f'SEEN=$("{python}" -c "import jax; print(jax.__version__, jax.local_device_count(), '
       f'jax.device_count())")',
@@ -160,7 +247,8 @@ def setup_steps(pod: Pod, repo: Repo, python_version: str, archive: str) -> List
   ])
   steps.append(Step(on_all_workers(pod, script),
                     f"on every worker: fetch the repo into {REMOTE_REPO}, install it with jax[tpu] "
-                    f"into {REMOTE_VENV} (Python {python_version})"))
+                    f"into {REMOTE_VENV} (Python {python_version}), install gcsfuse and mount "
+                    f"gs://{bucket.name} at {bucket.mount_point}"))
   return steps
 
 
@@ -174,6 +262,7 @@ def train_script(run: Run) -> str:
       "set -e",
       f'mkdir -p "{REMOTE_LOGS}"',
       _refuse_if_training(),
+      *mount_lines(run.bucket),
       f'cd "{REMOTE_REPO}"',
       f"W={WORKER_INDEX}",
       f'echo "=== $(date -u +%FT%TZ) worker $W: arjax train starts" >> "{log}"',
@@ -188,12 +277,17 @@ def train_script(run: Run) -> str:
 
 def train_steps(pod: Pod, run: Run) -> List[Step]:
   return [Step(on_all_workers(pod, train_script(run)),
-               f"on every worker: start training in the background, workdir {run.workdir}")]
+               f"on every worker: mount {run.bucket.mount_point} if needed, start training in "
+               f"the background, workdir {run.workdir} ({run.workdir_url})")]
 
 
 def logs_steps(pod: Pod, lines: int, collect_dir: Optional[str],
                workdir: Optional[str]) -> List[Step]:
-  """Tails every worker's log (lines prefixed by the worker), or copies them all through gs://."""
+  """Tails every worker's log (lines prefixed by the worker), or copies them all through gs://.
+
+  `workdir` is the gs:// URL: `gcloud storage` on the workers needs no mount, so logs can be
+  collected even from a worker whose mount is gone.
+  """
   if collect_dir is None:
     script = (f'for f in "{REMOTE_LOGS}"/train-worker*.log; do [ -f "$f" ] || continue; '
               f'tail -n {lines} "$f" | sed "s/^/[$(basename "$f" .log)] /"; done')
@@ -255,12 +349,19 @@ def _add_setup_flags(parser):
                       help="Python of the workers' venv (installed by uv).")
 
 
+def _add_bucket_flag(parser):
+  parser.add_argument("--bucket", help="gs://BUCKET[/PREFIX] holding workdirs and data; every "
+                      f"worker mounts BUCKET at {MOUNT_ROOT}/BUCKET with Cloud Storage FUSE.")
+
+
 def _add_run_flags(parser, with_config=True):
-  parser.add_argument("--bucket", help="gs://BUCKET[/PREFIX] holding workdirs and data.")
-  parser.add_argument("--workdir", help="gs:// checkpoint directory; default: "
+  _add_bucket_flag(parser)
+  parser.add_argument("--workdir", help="gs://BUCKET/... checkpoint directory, inside --bucket's "
+                      f"bucket (arjax gets its path under {MOUNT_ROOT}/BUCKET); default: "
                       "BUCKET/workdirs/NAME. Same workdir = resume.")
-  parser.add_argument("--data-dir", help="gs:// TFDS data dir (ARJAX_DATA_DIR on the workers); "
-                      "default: BUCKET/tensorflow_datasets.")
+  parser.add_argument("--data-dir", help="gs://BUCKET/... TFDS data dir, inside --bucket's bucket "
+                      "(ARJAX_DATA_DIR on the workers is its path under the mount); default: "
+                      "BUCKET/tensorflow_datasets.")
   if with_config:
     parser.add_argument("--config", help="configs/X.py[:variant], relative to the repo root. "
                         "Extra --config.FIELD=VALUE arguments are passed through to arjax.")
@@ -279,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     return command
 
   _add_create_flags(add("create", "create the TPU VM slice."))
-  _add_setup_flags(add("setup", "copy the repo to every worker and install it with jax[tpu]."))
+  setup = add("setup", "copy the repo to every worker, install it with jax[tpu], install "
+              "gcsfuse and mount the bucket.")
+  _add_setup_flags(setup)
+  _add_bucket_flag(setup)
   train = add("train", "start training on every worker (background, per-worker log).")
   _add_run_flags(train)
   train.add_argument("--repo", default=REPO_ROOT, help="checkout to check --config against "
@@ -348,46 +452,80 @@ def _repo(args) -> Repo:
   return Repo(os.path.abspath(source), is_local=True, ref=getattr(args, "ref", None))
 
 
-def _gs_path(flag: str, value: str) -> str:
-  if not value.startswith("gs://") or len(value) <= len("gs://"):
-    raise LaunchError(f"{flag}={value}: must be a gs:// path; every worker of a pod reads and "
-                      "writes it, and local disks are per worker")
-  return value.rstrip("/")
-
-
-def _bucket(args) -> Optional[str]:
+def _bucket(args) -> Bucket:
   if args.bucket is None:
-    return None
-  if not _BUCKET.match(args.bucket.rstrip("/")):
+    raise LaunchError("--bucket is required, e.g. --bucket=gs://my-arjax: every worker mounts it "
+                      f"at {MOUNT_ROOT}/BUCKET, and the workdir and data live there")
+  url = args.bucket.rstrip("/")
+  match = _BUCKET.match(url)
+  if match is None:
     raise LaunchError(f"--bucket={args.bucket}: must be gs://BUCKET or gs://BUCKET/PREFIX "
                       "(bucket names: lowercase letters, digits, -, _ and .)")
-  return args.bucket.rstrip("/")
+  bucket = Bucket(match.group("name"), url)
+  _check_segments("--bucket", args.bucket, url, bucket)
+  return bucket
 
 
-def _workdir(args, pod: Pod) -> str:
-  bucket = _bucket(args)
+def _check_segments(flag: str, value: str, url: str, bucket: Bucket) -> None:
+  # gs://b/../c would be /gcs/b/../c = /gcs/c on the workers: outside the mount.
+  path = url[len(f"gs://{bucket.name}"):]
+  if any(part in ("", ".", "..") for part in path.split("/")[1:]):
+    raise LaunchError(f"{flag}={value}: empty, '.' and '..' path segments are not allowed; the "
+                      f"path must name a directory inside gs://{bucket.name}")
+
+
+def _in_bucket(flag: str, value: str, bucket: Bucket) -> str:
+  """A gs:// URL inside the mounted bucket (trailing '/' dropped); anything else is refused."""
+  if value.startswith(MOUNT_ROOT + "/"):
+    raise LaunchError(f"{flag}={value}: give the gs:// URL (gs://{value[len(MOUNT_ROOT) + 1:]}); "
+                      f"the launcher passes arjax its path under {MOUNT_ROOT} itself")
+  url = value.rstrip("/")
+  if not url.startswith("gs://"):
+    raise LaunchError(f"{flag}={value}: must be a gs:// path in --bucket={bucket.url}; every "
+                      "worker of a pod reads and writes it, and local disks are per worker")
+  name = url[len("gs://"):].split("/")[0]
+  if name != bucket.name:
+    raise LaunchError(f"{flag}={value}: outside --bucket={bucket.url}; only gs://{bucket.name} is "
+                      f"mounted on the workers (at {bucket.mount_point}), so use a gs://"
+                      f"{bucket.name}/... path or --bucket=gs://{name}")
+  _check_segments(flag, value, url, bucket)
+  return url
+
+
+def _workdir(args, pod: Pod, bucket: Bucket) -> str:
   if args.workdir:
-    return _gs_path("--workdir", args.workdir)
-  if bucket is None:
-    raise LaunchError("--bucket (or --workdir) is required: checkpoints go to "
-                      "gs://BUCKET/workdirs/NAME")
-  return f"{bucket}/workdirs/{pod.name}"
+    return _in_bucket("--workdir", args.workdir, bucket)
+  return f"{bucket.url}/workdirs/{pod.name}"
 
 
-def _data_dir(args) -> str:
-  bucket = _bucket(args)
+def _data_dir(args, bucket: Bucket) -> str:
   if args.data_dir:
-    return _gs_path("--data-dir", args.data_dir)
-  if bucket is None:
-    raise LaunchError("--bucket (or --data-dir) is required: the data is read from "
-                      "gs://BUCKET/tensorflow_datasets")
-  return f"{bucket}/tensorflow_datasets"
+    return _in_bucket("--data-dir", args.data_dir, bucket)
+  return f"{bucket.url}/tensorflow_datasets"
+
+
+def _check_override_paths(overrides: Sequence[str], bucket: Bucket) -> None:
+  """arjax opens config paths (e.g. tokenizer.checkpoint) as local files: gs:// would fail there."""
+  for override in overrides:
+    field, value = override.split("=", 1)
+    if not value.startswith("gs://"):
+      continue
+    url = value.rstrip("/")
+    if url == f"gs://{bucket.name}" or url.startswith(f"gs://{bucket.name}/"):
+      hint = f"pass {field}={bucket.local_path(url)}, where every worker sees it"
+    else:
+      hint = (f"only gs://{bucket.name} is mounted on the workers (at {bucket.mount_point}); "
+              "copy it there")
+    raise LaunchError(f"{override}: arjax reads local paths, not gs:// URLs; {hint}")
 
 
 def _run(args, pod: Pod, overrides: List[str]) -> Run:
   repo = _repo(args)
   config = check_config(args.config, repo.source if repo.is_local else None, relative=True)
-  return Run(config, _workdir(args, pod), _data_dir(args), tuple(overrides))
+  bucket = _bucket(args)
+  _check_override_paths(overrides, bucket)
+  return Run(config, bucket, _workdir(args, pod, bucket), _data_dir(args, bucket),
+             tuple(overrides))
 
 
 def _python_version(args) -> str:
@@ -410,25 +548,28 @@ def plan(argv: Sequence[str]):
   if args.command == "upload-data":
     if not args.local_data_dir or not os.path.isdir(args.local_data_dir):
       raise LaunchError(f"--local-data-dir={args.local_data_dir}: not a local directory")
-    return upload_data_steps(os.path.abspath(args.local_data_dir), _data_dir(args)), args.dry_run
+    return (upload_data_steps(os.path.abspath(args.local_data_dir), _data_dir(args, _bucket(args))),
+            args.dry_run)
 
   pod = _pod(args)
   if args.command == "create":
     return create_steps(pod, _slice(args)), args.dry_run
   if args.command == "setup":
-    return setup_steps(pod, _repo(args), _python_version(args), _archive_path(pod)), args.dry_run
+    return (setup_steps(pod, _repo(args), _python_version(args), _archive_path(pod), _bucket(args)),
+            args.dry_run)
   if args.command == "train":
     return train_steps(pod, _run(args, pod, overrides)), args.dry_run
   if args.command == "up":
     # Every check before the first command: a typo must not leave a paid-for idle slice.
     tpu, repo, python_version = _slice(args), _repo(args), _python_version(args)
     run = _run(args, pod, overrides)
-    return (create_steps(pod, tpu) + setup_steps(pod, repo, python_version, _archive_path(pod))
+    return (create_steps(pod, tpu)
+            + setup_steps(pod, repo, python_version, _archive_path(pod), run.bucket)
             + train_steps(pod, run)), args.dry_run
   if args.command == "logs":
     if args.lines <= 0:
       raise LaunchError(f"--lines={args.lines}: must be positive")
-    workdir = _workdir(args, pod) if args.collect else None
+    workdir = _workdir(args, pod, _bucket(args)) if args.collect else None
     return logs_steps(pod, args.lines, args.collect, workdir), args.dry_run
   if args.command == "stop":
     return stop_steps(pod), args.dry_run

@@ -3,10 +3,12 @@ and that --dry-run only prints while a real run executes exactly what the dry ru
 
 gcloud, git and sbatch are not installed here; the subprocess tests put stand-ins that record
 their argv (and stdin) first on PATH, so "nothing ran" and "this ran" are facts, not assumptions.
+The TPU workers' bucket-mount lines run here the same way, with sudo and gcsfuse as stand-ins.
 """
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,38 @@ def line_with(text, needle):
 
 # ---- TPU pods ----
 
+# What every worker runs to mount the bucket (here gs://bkt), in setup and again before train.
+MOUNT_BKT = [
+    'command -v gcsfuse >/dev/null 2>&1 || { echo "$(hostname): gcsfuse is not installed; '
+    'run the setup sub-command" >&2; exit 1; }',
+    "if ! mountpoint -q /gcs/bkt; then",
+    '  if grep -qsF " /gcs/bkt " /proc/mounts; then sudo umount -l /gcs/bkt; fi',
+    "  sudo mkdir -p /gcs/bkt",
+    '  sudo chown "$(id -u):$(id -g)" /gcs/bkt',
+    "  gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=60 bkt /gcs/bkt",
+    '  echo "$(hostname): mounted gs://bkt at /gcs/bkt"',
+    "fi",
+]
+INSTALL_GCSFUSE = [
+    "if ! command -v gcsfuse >/dev/null 2>&1; then",
+    '  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
+    'https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" '
+    "| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null",
+    "  sudo curl -fsSL -o /usr/share/keyrings/cloud.google.asc "
+    "https://packages.cloud.google.com/apt/doc/apt-key.gpg",
+    "  sudo apt-get -o DPkg::Lock::Timeout=600 update -q",
+    "  sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse",
+    "fi",
+]
+
+
+def lines_from(text, first_line, count):
+  """`count` lines of `text` starting at the line equal to `first_line`."""
+  lines = text.splitlines()
+  start = lines.index(first_line)
+  return lines[start:start + count]
+
+
 def test_v4_8_single_host_create_then_train():
   [create] = tpu_plan("create", *pod_flags("arjax-v4", "us-central2-b"), "--accelerator-type=v4-8")
   assert create.argv == ["gcloud", "compute", "tpus", "tpu-vm", "create", "arjax-v4",
@@ -58,19 +92,22 @@ def test_v4_8_single_host_create_then_train():
   assert train.argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "arjax-v4",
                             "--worker=all"]
   assert train.argv[-1] == "--zone=us-central2-b"
-  # The workdir is named after the TPU on the bucket (trailing '/' of --bucket dropped).
+  # The workdir is named after the TPU on the bucket (trailing '/' of --bucket dropped), and
+  # arjax gets it, and the data dir, as paths under the bucket's mount.
   start = line_with(script_of(train), "setsid nohup")
-  assert start.startswith("ARJAX_DATA_DIR=gs://bkt/tensorflow_datasets setsid nohup "
+  assert start.startswith("ARJAX_DATA_DIR=/gcs/bkt/tensorflow_datasets setsid nohup "
                           '"$HOME/arjax-venv/bin/python" -m arjax train '
-                          "--config=configs/digits.py:smoke --workdir=gs://bkt/workdirs/arjax-v4 ")
+                          "--config=configs/digits.py:smoke --workdir=/gcs/bkt/workdirs/arjax-v4 ")
   assert start.endswith('>> "$HOME/arjax-logs/train-worker$W.log" 2>&1 < /dev/null &')
+  assert "://" not in start
 
 
 def test_v5p_32_up_creates_sets_up_and_trains_on_all_workers(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the tarball goes
   steps = tpu_plan("up", *pod_flags(), "--project=my-project", "--accelerator-type=v5p-32",
                    "--spot", "--bucket=gs://my-arjax", f"--config={CONFIG}",
-                   "--config.train.num_steps=1000", "--config.sample.cfg_scale=2.9")
+                   "--config.train.num_steps=1000", "--config.sample.cfg_scale=2.9",
+                   "--config.tokenizer.checkpoint=/gcs/my-arjax/weights/kl16")
   create, archive, scp, setup, train = steps
   assert create.argv == ["gcloud", "compute", "tpus", "tpu-vm", "create", "arjax-b",
                          "--accelerator-type=v5p-32", "--version=v2-alpha-tpuv5",
@@ -89,33 +126,118 @@ def test_v5p_32_up_creates_sets_up_and_trains_on_all_workers(tmp_path, monkeypat
   assert 'tar -xzf "$HOME/arjax.tar.gz" -C "$HOME/arjax"' in setup_script
   assert 'uv venv --seed --python 3.11 "$HOME/arjax-venv"' in setup_script
   assert '-m pip install --quiet -e "$HOME/arjax" "jax[tpu]"' in setup_script
+  assert ("  gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=60 "
+          "my-arjax /gcs/my-arjax") in setup_script.splitlines()
 
   train_script = script_of(train)
   command = shlex.split(line_with(train_script, "setsid nohup"))
-  assert command[:3] == ["ARJAX_DATA_DIR=gs://my-arjax/tensorflow_datasets", "setsid", "nohup"]
+  assert command[:3] == ["ARJAX_DATA_DIR=/gcs/my-arjax/tensorflow_datasets", "setsid", "nohup"]
   # No distributed flags: on a TPU VM arjax lets JAX find the other workers.
   assert command[3:command.index(">>")] == [
       "$HOME/arjax-venv/bin/python", "-m", "arjax", "train", f"--config={CONFIG}",
-      "--workdir=gs://my-arjax/workdirs/arjax-b", "--config.train.num_steps=1000",
-      "--config.sample.cfg_scale=2.9"]
+      "--workdir=/gcs/my-arjax/workdirs/arjax-b", "--config.train.num_steps=1000",
+      "--config.sample.cfg_scale=2.9", "--config.tokenizer.checkpoint=/gcs/my-arjax/weights/kl16"]
   assert 'echo $! > "$HOME/arjax-logs/train.pid"' in train_script
   assert "agent-worker-number" in line_with(train_script, "W=")
 
 
-def test_explicit_workdir_and_data_dir_and_quoted_overrides():
-  [train] = tpu_plan("train", *pod_flags(), "--workdir=gs://other/runs/b/",
-                     "--data-dir=gs://data/tfds", f"--config={CONFIG}",
+def test_setup_installs_gcsfuse_then_mounts_the_bucket_on_every_worker():
+  [setup] = tpu_plan("setup", *pod_flags(), "--repo=https://github.com/me/arjax.git",
+                     "--bucket=gs://bkt/team")
+  script = script_of(setup)
+  # Installed from Google's apt repository only where missing, after arjax and jax[tpu].
+  assert lines_from(script, INSTALL_GCSFUSE[0], len(INSTALL_GCSFUSE)) == INSTALL_GCSFUSE
+  # The whole bucket is mounted at /gcs/BUCKET, whatever --bucket's prefix.
+  assert lines_from(script, MOUNT_BKT[0], len(MOUNT_BKT)) == MOUNT_BKT
+  lines = script.splitlines()
+  pip = lines.index('"$HOME/arjax-venv/bin/python" -m pip install --quiet -e "$HOME/arjax" '
+                    '"jax[tpu]"')
+  assert pip < lines.index(INSTALL_GCSFUSE[0]) < lines.index(MOUNT_BKT[0])
+  assert "gs://bkt at /gcs/bkt" in setup.why
+
+
+def test_train_remounts_a_missing_mount_before_it_starts_arjax():
+  [train] = tpu_plan("train", *pod_flags(), "--bucket=gs://bkt", f"--config={CONFIG}")
+  lines = script_of(train).splitlines()
+  # A preempted-and-recreated or rebooted VM has lost its mount: train checks it, and mounts it
+  # the same way setup does, before anything reads the workdir.
+  mount = lines.index(MOUNT_BKT[0])
+  assert lines[mount:mount + len(MOUNT_BKT)] == MOUNT_BKT
+  assert lines.index("set -e") < mount
+  assert mount + len(MOUNT_BKT) <= lines.index('cd "$HOME/arjax"')
+  assert mount < lines.index(line_with(script_of(train), "setsid nohup"))
+  assert INSTALL_GCSFUSE[0] not in lines  # installing is setup's job
+
+
+@pytest.fixture
+def worker_bin(tmp_path):
+  """Runs the mount lines of a rendered train script here, on a PATH where sudo and gcsfuse
+  record their argv in calls.jsonl instead of acting, `mountpoint` answers as told and the
+  rest are the real tools."""
+  bin_dir, log = tmp_path / "worker_bin", tmp_path / "calls.jsonl"
+  bin_dir.mkdir()
+  for name in ("sudo", "gcsfuse"):
+    (bin_dir / name).write_text(STAND_IN.format(python=sys.executable, log=str(log)))
+    (bin_dir / name).chmod(0o755)
+  for name in ("grep", "hostname", "id"):
+    (bin_dir / name).symlink_to(shutil.which(name))
+
+  def run_mount_lines(mounted, with_gcsfuse=True):
+    (bin_dir / "mountpoint").write_text(f"#!/bin/sh\nexit {0 if mounted else 32}\n")
+    (bin_dir / "mountpoint").chmod(0o755)
+    if not with_gcsfuse:
+      (bin_dir / "gcsfuse").unlink()
+    [train] = tpu_plan("train", *pod_flags(), "--bucket=gs://bkt", f"--config={CONFIG}")
+    mount_lines = lines_from(script_of(train), MOUNT_BKT[0], len(MOUNT_BKT))
+    result = subprocess.run([shutil.which("bash"), "-c", "set -e\n" + "\n".join(mount_lines)],
+                            env={"PATH": str(bin_dir)}, capture_output=True, text=True)
+    calls = [json.loads(l)["argv"] for l in log.read_text().splitlines()] if log.exists() else []
+    return result, calls
+  return run_mount_lines
+
+
+def test_the_mount_lines_mount_the_bucket_only_where_it_is_missing(worker_bin):
+  result, calls = worker_bin(mounted=True)
+  assert result.returncode == 0, result.stderr
+  assert calls == []
+
+  result, calls = worker_bin(mounted=False)
+  assert result.returncode == 0, result.stderr
+  assert calls == [
+      ["sudo", "mkdir", "-p", "/gcs/bkt"],
+      ["sudo", "chown", f"{os.getuid()}:{os.getgid()}", "/gcs/bkt"],
+      ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=200000",
+       "--metadata-cache-ttl-secs=60", "bkt", "/gcs/bkt"]]
+  assert "mounted gs://bkt at /gcs/bkt" in result.stdout
+
+
+def test_the_mount_lines_stop_the_script_where_gcsfuse_is_missing(worker_bin):
+  result, calls = worker_bin(mounted=False, with_gcsfuse=False)
+  assert result.returncode == 1
+  assert "gcsfuse is not installed; run the setup sub-command" in result.stderr
+  assert calls == []
+
+
+def test_explicit_workdir_and_data_dir_in_the_bucket_and_quoted_overrides():
+  [train] = tpu_plan("train", *pod_flags(), "--bucket=gs://bkt/team", "--workdir=gs://bkt/runs/b/",
+                     "--data-dir=gs://bkt/tfds", f"--config={CONFIG}",
                      "--config.sample.note=two words, 'quoted' $HOME")
   command = shlex.split(line_with(script_of(train), "setsid nohup"))
-  assert command[0] == "ARJAX_DATA_DIR=gs://data/tfds"
-  assert "--workdir=gs://other/runs/b" in command
+  assert command[0] == "ARJAX_DATA_DIR=/gcs/bkt/tfds"
+  assert "--workdir=/gcs/bkt/runs/b" in command
   # The value reaches arjax exactly as given: no word splitting, no expansion on the worker.
   assert "--config.sample.note=two words, 'quoted' $HOME" in command
+  # Defaults follow --bucket's prefix; the mount is the whole bucket.
+  [train] = tpu_plan("train", *pod_flags(), "--bucket=gs://bkt/team", f"--config={CONFIG}")
+  command = shlex.split(line_with(script_of(train), "setsid nohup"))
+  assert command[0] == "ARJAX_DATA_DIR=/gcs/bkt/team/tensorflow_datasets"
+  assert "--workdir=/gcs/bkt/team/workdirs/arjax-b" in command
+  assert "  sudo mkdir -p /gcs/bkt" in script_of(train).splitlines()
 
 
 def test_git_url_is_cloned_on_the_workers_instead_of_shipped():
   [setup] = tpu_plan("setup", *pod_flags(), "--repo=https://github.com/me/arjax.git",
-                     "--ref=v0.2", "--python-version=3.12")
+                     "--ref=v0.2", "--python-version=3.12", "--bucket=gs://bkt")
   script = script_of(setup)
   assert ('git clone --quiet https://github.com/me/arjax.git "$HOME/arjax" && '
           'git -C "$HOME/arjax" checkout --quiet v0.2') in script
@@ -127,6 +249,7 @@ def test_logs_tail_every_worker_or_collect_them_through_the_bucket():
   assert tail.argv[4:7] == ["ssh", "arjax-b", "--worker=all"]
   assert 'tail -n 20 "$f"' in script_of(tail)
 
+  # `gcloud storage` with the workdir's URL: collecting needs no mount on the workers.
   upload, mkdir, download = tpu_plan("logs", *pod_flags(), "--bucket=gs://bkt",
                                      "--collect=out/logs")
   assert upload.argv[6] == "--worker=all"
@@ -149,11 +272,13 @@ def test_stop_delete_and_upload_data(tmp_path):
 
 
 def test_remote_scripts_are_valid_shell():
-  steps = tpu_plan("up", *pod_flags(), "--accelerator-type=v5p-32", "--bucket=gs://bkt",
-                   f"--config={CONFIG}", "--config.x.y=a 'b' \"c\"")
+  steps = tpu_plan("up", *pod_flags(), "--accelerator-type=v5p-32", "--bucket=gs://my_bkt.v2/a",
+                   "--workdir=gs://my_bkt.v2/my runs/b", f"--config={CONFIG}",
+                   "--config.x.y=a 'b' \"c\"")
   steps += tpu_plan("logs", *pod_flags()) + tpu_plan("stop", *pod_flags())
+  steps += tpu_plan("logs", *pod_flags(), "--bucket=gs://my_bkt.v2", "--collect=out")
   for step in steps:
-    if step.argv[4] == "ssh":
+    if step.argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]:
       result = subprocess.run(["bash", "-n", "-c", script_of(step)], capture_output=True, text=True)
       assert result.returncode == 0, (script_of(step), result.stderr)
 
@@ -174,11 +299,37 @@ def test_remote_scripts_are_valid_shell():
      "--project=X"),
     (["train", "--name=a", "--zone=us-east5-a", "--bucket=my-bucket", f"--config={CONFIG}"],
      "--bucket=my-bucket: must be gs://BUCKET"),
-    (["train", "--name=a", "--zone=us-east5-a", f"--config={CONFIG}"], "--bucket (or --workdir)"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt/../other",
+      f"--config={CONFIG}"], "--bucket=gs://bkt/../other: empty, '.' and '..' path segments"),
+    (["train", "--name=a", "--zone=us-east5-a", f"--config={CONFIG}"], "--bucket is required"),
+    (["train", "--name=a", "--zone=us-east5-a", "--workdir=gs://bkt/run", f"--config={CONFIG}"],
+     "--bucket is required"),
     (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", "--workdir=/tmp/run",
-      f"--config={CONFIG}"], "--workdir=/tmp/run: must be a gs:// path"),
+      f"--config={CONFIG}"], "--workdir=/tmp/run: must be a gs:// path in --bucket=gs://bkt"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt",
+      "--workdir=gs://other/runs/b", f"--config={CONFIG}"],
+     "--workdir=gs://other/runs/b: outside --bucket=gs://bkt; only gs://bkt is mounted on the "
+     "workers (at /gcs/bkt)"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt",
+      "--workdir=gs://bkt-2/runs/b", f"--config={CONFIG}"], "--workdir=gs://bkt-2/runs/b: outside"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt",
+      "--workdir=gs://bkt/../other/b", f"--config={CONFIG}"],
+     "--workdir=gs://bkt/../other/b: empty, '.' and '..' path segments are not allowed"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt",
+      "--workdir=gs://bkt//runs", f"--config={CONFIG}"], "--workdir=gs://bkt//runs: empty"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt",
+      "--workdir=/gcs/bkt/runs/b", f"--config={CONFIG}"],
+     "--workdir=/gcs/bkt/runs/b: give the gs:// URL (gs://bkt/runs/b)"),
     (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", "--data-dir=/data",
       f"--config={CONFIG}"], "--data-dir=/data: must be a gs:// path"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", "--data-dir=gs://data/tfds",
+      f"--config={CONFIG}"], "--data-dir=gs://data/tfds: outside --bucket=gs://bkt"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", f"--config={CONFIG}",
+      "--config.tokenizer.checkpoint=gs://bkt/weights/kl16"],
+     "--config.tokenizer.checkpoint=gs://bkt/weights/kl16: arjax reads local paths, not gs:// "
+     "URLs; pass --config.tokenizer.checkpoint=/gcs/bkt/weights/kl16"),
+    (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", f"--config={CONFIG}",
+      "--config.tokenizer.checkpoint=gs://weights/kl16"], "only gs://bkt is mounted"),
     (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt"], "--config is required"),
     (["train", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", "--config=configs/nope.py"],
      "--config=configs/nope.py: no file configs/nope.py"),
@@ -192,10 +343,17 @@ def test_remote_scripts_are_valid_shell():
       "--workers=4"], "unrecognized argument '--workers=4'"),
     (["delete", "--name=a", "--zone=us-east5-a", "--config.x=1"],
      "unrecognized arguments for delete"),
-    (["setup", "--name=a", "--zone=us-east5-a", "--repo=/no/such/dir"], "--repo=/no/such/dir"),
-    (["setup", "--name=a", "--zone=us-east5-a", "--python-version=3"], "--python-version=3"),
+    (["setup", "--name=a", "--zone=us-east5-a", "--repo=/no/such/dir", "--bucket=gs://bkt"],
+     "--repo=/no/such/dir"),
+    (["setup", "--name=a", "--zone=us-east5-a", "--python-version=3", "--bucket=gs://bkt"],
+     "--python-version=3"),
+    (["setup", "--name=a", "--zone=us-east5-a"], "--bucket is required"),
     (["logs", "--name=a", "--zone=us-east5-a", "--lines=0"], "--lines=0"),
-    (["logs", "--name=a", "--zone=us-east5-a", "--collect=out"], "--bucket (or --workdir)"),
+    (["logs", "--name=a", "--zone=us-east5-a", "--collect=out"], "--bucket is required"),
+    (["logs", "--name=a", "--zone=us-east5-a", "--bucket=gs://bkt", "--workdir=gs://x/run",
+      "--collect=out"], "--workdir=gs://x/run: outside --bucket=gs://bkt"),
+    (["upload-data", "--local-data-dir=.", "--bucket=gs://bkt", "--data-dir=gs://data/tfds"],
+     "--data-dir=gs://data/tfds: outside --bucket=gs://bkt"),
 ])
 def test_tpu_input_errors_name_the_flag(args, message):
   with pytest.raises(LaunchError) as error:
@@ -203,10 +361,12 @@ def test_tpu_input_errors_name_the_flag(args, message):
   assert message in str(error.value)
 
 
-def test_up_checks_every_flag_before_creating_anything():
-  # A bad bucket must fail `up` before the (billed) create, not after it.
-  with pytest.raises(LaunchError, match="--bucket"):
-    tpu_plan("up", *pod_flags(), "--accelerator-type=v5p-32", "--bucket=b", f"--config={CONFIG}")
+@pytest.mark.parametrize("bad_flag", ["--bucket=b", "--workdir=gs://elsewhere/run"])
+def test_up_checks_every_flag_before_creating_anything(bad_flag):
+  # A bad bucket or workdir must fail `up` before the (billed) create, not after it.
+  with pytest.raises(LaunchError, match=bad_flag.split("=")[0]):
+    tpu_plan("up", *pod_flags(), "--accelerator-type=v5p-32", "--bucket=gs://bkt", bad_flag,
+             f"--config={CONFIG}")
 
 
 # ---- SLURM ----
@@ -412,6 +572,9 @@ def test_dry_runs_print_every_command_and_run_nothing(tmp_path, stand_ins):
       ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
       ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
   assert "--config.train.num_steps=1000" in out.stdout
+  assert "--workdir=/gcs/my-arjax/workdirs/arjax-b" in out.stdout
+  assert out.stdout.count("gcsfuse --implicit-dirs --rename-dir-limit=200000 "
+                          "--metadata-cache-ttl-secs=60 my-arjax /gcs/my-arjax") == 2
 
   workdir = tmp_path / "run"
   out = launcher("slurm.py", *slurm_args(workdir), "--dry-run", env=env)
@@ -460,6 +623,10 @@ def test_bad_flags_fail_in_the_command_line_before_anything_runs(stand_ins):
   assert out.returncode == 1
   assert out.stderr.strip() == ("error: --zone is required, e.g. --zone=us-east5-a "
                                 "(where your TPU quota is)")
+  out = launcher("tpu_pod.py", *TPU_UP, "--workdir=gs://elsewhere/run", env=env)
+  assert out.returncode == 1
+  assert out.stderr.startswith("error: --workdir=gs://elsewhere/run: outside "
+                               "--bucket=gs://my-arjax; only gs://my-arjax is mounted")
   out = launcher("slurm.py", "--nodes=2", "--time=forever", "--workdir=/x", f"--config={CONFIG}",
                  env=env)
   assert out.returncode == 1 and "--time=forever" in out.stderr
