@@ -3,7 +3,7 @@
 Needs TFDS imagenet2012 prepared as ArrayRecord in the data dir (manual download;
 arjax never downloads). A TPU pod or GPU cluster job; on one machine it is a
 config to validate and inspect:
-  python -m arjax train --config=configs/imagenet256.py --workdir=gs://BUCKET/imagenet256
+  python -m arjax train --config=configs/imagenet256.py --workdir=/gcs/BUCKET/imagenet256
 
 Pixel patches stand in until the KL-16 VAE tokenizer lands (then 16x16 latents of dim 16).
 

@@ -10,7 +10,7 @@ iterations, linear CFG 2.9, temperature 1.0, 100 DDPM steps.
 Needs the KL-16 weights (`kl16.ckpt` from MAR's release, or its arjax conversion):
   python -m arjax convert --source=kl16.ckpt --out=weights/kl16
   python -m arjax train --config=configs/imagenet256_mar_base.py \\
-      --config.tokenizer.checkpoint=weights/kl16 --workdir=gs://BUCKET/mar_base
+      --config.tokenizer.checkpoint=weights/kl16 --workdir=/gcs/BUCKET/mar_base
 
 Not reproduced: MAR's attention/projection dropout (0.1 in training), see the MAR notes in
 README.md. The large and huge configs change only the sizes and the CFG scale.

@@ -54,7 +54,7 @@ def _two_process_run(data_dir, workdir):
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()
