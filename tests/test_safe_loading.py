@@ -168,6 +168,25 @@ def test_a_global_is_refused_by_name_before_anything_is_imported(tmp_path):
   assert "arjax_no_such_module" not in sys.modules
 
 
+def test_a_pickle_cannot_change_anything_that_outlives_its_load(tmp_path):
+  """pickle's BUILD opcode sets attributes of the object below it, a global included (a plain
+  pickle.loads of the first file below sets argparse.Namespace.poisoned for the whole process).
+  On arjax's stand-ins it is refused, or confined to objects made for that one load."""
+  class_attribute = b"\x80\x02cargparse\nNamespace\nN}X\x08\x00\x00\x00poisoned\x88s\x86b."
+  path = torch_files.save({}, tmp_path / "a.pth", data_pickle=class_attribute)
+  with pytest.raises(CheckpointError, match="a.pth: expected a dict at the top level"):
+    load_checkpoint(path)
+  assert not hasattr(argparse.Namespace, "poisoned")
+  storage_type = (b"\x80\x02ctorch\nFloatStorage\nN}X\x04\x00\x00\x00name"
+                  b"X\x0d\x00\x00\x00DoubleStorages\x86b.")
+  path = torch_files.save({}, tmp_path / "b.pth", data_pickle=storage_type)
+  with pytest.raises(CheckpointError, match="sets attributes of a StorageType; refused"):
+    load_checkpoint(path)
+  good = torch_files.save({"w": torch_files.tensor(np.arange(3, dtype=np.float32))},
+                          tmp_path / "c.pth")
+  np.testing.assert_array_equal(load_checkpoint(good).state_dicts[""]["w"], np.arange(3.0))
+
+
 def test_a_tensor_reaching_past_its_storage_is_refused_not_read(tmp_path):
   storage = torch_files.Storage(np.zeros(6, np.float32), key="")
   for offset, shape, strides in ((4, (3,), (1,)), (0, (2, 3), (4, 1)), (-1, (1,), (1,))):

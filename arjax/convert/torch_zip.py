@@ -10,7 +10,9 @@ A plain `pickle.load` of data.pkl would call whatever callable the pickle names,
 a malicious checkpoint runs code. `RestrictedUnpickler.find_class` hands out only the few
 globals a state dict needs (`ALLOWED_GLOBALS`), each replaced by arjax's own harmless stand-in
 (a tensor becomes a `LazyTensor`, a storage type a numpy dtype); any other global stops the
-read with `ForbiddenGlobal` naming it, before anything it names is imported or called. Tensor
+read with `ForbiddenGlobal` naming it, before anything it names is imported or called. The
+stand-ins are made afresh for every load, and arjax's own objects refuse pickle's BUILD
+(attribute setting), so a pickle cannot alter anything that outlives its own load. Tensor
 data is never unpickled: `persistent_load` maps a storage record to its `data/<key>` entry,
 and a `LazyTensor` reads it (only when asked: an optimizer state beside the weights costs
 nothing) as a numpy array of the storage's dtype, honouring the tensor's offset and strides
@@ -49,8 +51,16 @@ class ForbiddenGlobal(pickle.UnpicklingError):
                      "only tensors, storages, OrderedDict and argparse.Namespace are allowed")
 
 
+class _NoBuild:
+  """Refuses pickle's BUILD opcode, which would otherwise set attributes on the object."""
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f"the pickle sets attributes of a {type(self).__name__}; "
+                                 "refused")
+
+
 @dataclasses.dataclass(frozen=True)
-class StorageType:
+class StorageType(_NoBuild):
   """Stand-in for `torch.<X>Storage`: only its element type matters."""
   name: str
 
@@ -60,7 +70,7 @@ class StorageType:
 
 
 @dataclasses.dataclass(frozen=True)
-class Storage:
+class Storage(_NoBuild):
   """A storage record of data.pkl: entry `data/<key>` of the archive, `numel` elements."""
   key: str
   dtype: np.dtype
@@ -68,7 +78,7 @@ class Storage:
 
 
 @dataclasses.dataclass(frozen=True)
-class LazyTensor:
+class LazyTensor(_NoBuild):
   """A tensor of data.pkl, not yet read: `TorchZipReader.array` materialises it."""
   storage: Storage
   offset: int
@@ -106,16 +116,26 @@ def _latin1_encode(text, encoding="latin1"):
   return text.encode("latin1")
 
 
-# (module, name) as the pickle spells it -> the object arjax hands out instead.
-ALLOWED_GLOBALS: Dict[str, Any] = {
-    "collections.OrderedDict": collections.OrderedDict,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    # MAR keeps its argparse.Namespace under 'args': a bag of attributes, no behaviour.
-    "argparse.Namespace": argparse.Namespace,
-    "_codecs.encode": _latin1_encode,
-    **{f"torch.{name}": StorageType(name) for name in _STORAGE_DTYPES},
-}
+def _stand_ins() -> Dict[str, Any]:
+  """The globals a pickle may name -> what arjax hands out instead, made anew for every load:
+  BUILD on a function or a class sets its attributes, and whatever a pickle changes that way
+  must not reach the next load (nor argparse.Namespace itself)."""
+  def wrap(function):
+    return lambda *args: function(*args)
+
+  return {
+      "collections.OrderedDict": wrap(collections.OrderedDict),
+      "torch._utils._rebuild_tensor_v2": wrap(_rebuild_tensor_v2),
+      "torch._utils._rebuild_parameter": wrap(_rebuild_parameter),
+      # MAR keeps its argparse.Namespace under 'args': a bag of attributes, no behaviour. A
+      # class (pickle's NEWOBJ needs one), subclassed so that the real one is never handed out.
+      "argparse.Namespace": type("Namespace", (argparse.Namespace,), {}),
+      "_codecs.encode": wrap(_latin1_encode),
+      **{f"torch.{name}": StorageType(name) for name in _STORAGE_DTYPES},
+  }
+
+
+ALLOWED_GLOBALS = tuple(sorted(_stand_ins()))
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -124,6 +144,7 @@ class RestrictedUnpickler(pickle.Unpickler):
   def __init__(self, file, storages: Dict[str, int]):
     super().__init__(file)
     self._storages = storages  # key -> bytes of its data/<key> entry
+    self._globals = _stand_ins()
 
   def find_class(self, module, name):
     # Protocol-2 pickles may spell globals the Python 2 way (`__builtin__.eval`); name them
@@ -133,9 +154,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     elif module in _compat_pickle.IMPORT_MAPPING:
       module = _compat_pickle.IMPORT_MAPPING[module]
     full = f"{module}.{name}"
-    if full not in ALLOWED_GLOBALS:
+    if full not in self._globals:
       raise ForbiddenGlobal(full)
-    return ALLOWED_GLOBALS[full]
+    return self._globals[full]
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
