@@ -61,7 +61,7 @@ _SPLIT = flags.DEFINE_string("split", None, "cache_latents: the split to encode;
 
 # convert only; --out is its output directory.
 _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint "
-                              "(.pth/.ckpt through torch weights_only, .npz, .safetensors).")
+                              "(.pth/.ckpt, read without running code; .npz, .safetensors).")
 _KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source holds; "
                           "default: detected from its parameter names.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "

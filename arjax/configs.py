@@ -32,7 +32,7 @@ TOKENIZER_SCHEMAS: Dict[str, Schema] = {
     },
     # MAR's KL VAE, frozen (arjax/tokenizers/kl_vae.py): tokens are its scaled latents.
     "kl_vae": {
-        # .npz / .safetensors state dict or an Orbax params directory; needed to build it.
+        # .pth/.ckpt, .npz or .safetensors state dict, or an Orbax params directory; needed.
         "tokenizer.checkpoint": ((str, type(None)), None, ""),
         "tokenizer.architecture": ((str,), lambda v: v in _vae_architectures(),
                                    lambda: f"one of {sorted(_vae_architectures())}"),

@@ -40,16 +40,20 @@ def restore_params(exp, workdir: str, use_ema: bool):
 
 
 def sample_images(exp, params, labels: np.ndarray, *, progress: bool = True) -> np.ndarray:
-  """uint8 [N, H, W, C] for labels [N], in fixed-size batches (the last one padded)."""
+  """uint8 [N, H, W, C] for labels [N], in fixed-size batches (the last one padded).
+
+  Image i is drawn from (config.sample.seed, i) whatever config.sample.batch_size is: each
+  batch tells the sampler the index of its first image (`first_index`).
+  """
   s = exp.config.sample
   sampler = exp.sampler()
   rng = jax.random.PRNGKey(s.seed)
   out = []
   starts = range(0, len(labels), s.batch_size)
-  for i, start in enumerate(tqdm.tqdm(starts, desc="sample", disable=not progress)):
+  for start in tqdm.tqdm(starts, desc="sample", disable=not progress):
     chunk = labels[start:start + s.batch_size]
     padded = np.resize(chunk, s.batch_size)  # one compiled shape for every batch
-    images = sampler(params, padded, jax.random.fold_in(rng, i), cfg_scale=s.cfg_scale,
+    images = sampler(params, padded, rng, first_index=start, cfg_scale=s.cfg_scale,
                      cfg_schedule_name=s.cfg_schedule, temperature=s.temperature)
     out.append(pipeline.denormalize(sharding.to_host(images))[: len(chunk)])
   return np.concatenate(out)

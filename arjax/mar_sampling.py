@@ -21,6 +21,13 @@ consecutive segments, one scan each, padded to the segment's largest known count
 segment gives one scan whose encoder always holds all L tokens; more segments save the
 early steps' encoder work at the price of one more compiled scan body each.
 
+Seeds. Image b of a call is image `first_index + b` of the request; its key is
+fold_in(rng, that index) (`arjax.sampling.image_keys`), split into an order key (its
+generation order) and a step key, from which slot j of step k draws with
+fold_in(fold_in(step key, k), j). Slot j of step k is the j-th token of the image's own order
+predicted at step k, fixed by (L, K) alone, so an image depends on (rng, its index) and its
+label, not on the batch it is sampled in (up to float reduction order).
+
 Replay. `orders` and, for the DDPM head, every noise draw can be passed in
 (`replay_noise` converts draws recorded from PyTorch, in MAR's row-major order), which
 reproduces the official sampler token for token (tests/test_golden_mar.py).
@@ -34,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.models.heads import noise as noise_draws
 from arjax.models.masked_ar import MaskedARModel, bucket_sizes, random_orders
-from arjax.sampling import head_with_solver
+from arjax.sampling import check_num_steps, check_request, head_with_solver, image_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +151,8 @@ def replay_noise(schedule: MaskSchedule, orders: np.ndarray, init_noise: Sequenc
 
 def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARModel, head,
                   schedule: MaskSchedule, guided: bool, num_steps, kept_buckets: int = 1,
-                  cfg_interval=(0.0, 1.0), orders=None, noise=None, value_range=None):
+                  cfg_interval=(0.0, 1.0), orders=None, noise=None, value_range=None,
+                  image_ids=None):
   """labels [B] -> tokens [B, L, C].
 
   scales: [K] float32 CFG scale per step (ignored unless `guided`).
@@ -152,12 +161,16 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
   noise: optional (init [K, B, P, C], steps [K, S, B, P, C]) for the DDPM head (`replay_noise`).
   value_range: optional (lo, hi): sampled tokens are clipped into it before they are kept
     and fed back (bounded tokenizers such as pixel patches; MAR's VAE latents have none).
+  image_ids: int [B], each row's index in the whole request (default 0 .. B-1); see Seeds
+    in the module docstring.
   """
   batch = labels.shape[0]
   length, dim = schedule.num_tokens, model.backbone.token_dim
-  order_rng, step_rng = jax.random.split(rng)
+  if image_ids is None:
+    image_ids = jnp.arange(batch)
+  order_keys, row_step_keys = noise_draws.split(image_keys(rng, image_ids))
   if orders is None:
-    orders = random_orders(order_rng, batch, length)
+    orders = jax.vmap(lambda key: random_orders(key, 1, length)[0])(order_keys)
   orders = jnp.asarray(orders, jnp.int32)
   apply = functools.partial(model.apply, {"params": params})
   net_fn = lambda x_t, t, z: apply(x_t, t, z, method=MaskedARModel.head_net)
@@ -167,7 +180,6 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
   head_kwargs = dict(temperature=temperature, steps=num_steps, cfg_interval=tuple(cfg_interval))
   tokens = jnp.zeros((batch, length, dim), jnp.float32)
   known = jnp.zeros((batch, length), bool)
-  step_keys = jax.random.split(step_rng, len(schedule.num_pred))
 
   for first, end, num_kept, slots in segments(schedule, kept_buckets):
     # Slot j beyond n_k reads past the order; pad the order with an out-of-range position L.
@@ -175,7 +187,7 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
 
     def step(carry, xs, num_kept=num_kept, slots=slots, padded=padded):
       tokens, known = carry
-      start, count, scale, key, step_noise = xs
+      start, count, scale, step_index, step_noise = xs
       mask = ~known
       doubled = lambda a: jnp.concatenate([a, a]) if guided else a
       z = apply(doubled(tokens), doubled(mask), all_labels, num_kept, drop,
@@ -189,7 +201,11 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
       if step_noise is not None:
         kwargs["noise"] = (step_noise[0].reshape(batch * slots, dim),
                            step_noise[1].reshape(step_noise[1].shape[0], batch * slots, dim))
-      sampled = head.sample(net_fn, z_slots, key, **kwargs).reshape(batch, slots, dim)
+      # [B, P] keys: slot j of image b at this step draws from its own key only.
+      step_keys = noise_draws.fold_in(row_step_keys, step_index)
+      keys = jax.vmap(lambda k: noise_draws.fold_in_each(k, jnp.arange(slots)))(step_keys)
+      sampled = head.sample(net_fn, z_slots, keys.reshape(batch * slots, -1),
+                            **kwargs).reshape(batch, slots, dim)
       if value_range is not None:
         sampled = jnp.clip(sampled, *value_range)
       write = jnp.where(valid, positions, length)  # index L: dropped
@@ -204,7 +220,7 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
                      jnp.asarray(noise[1])[first:end, :, :, :slots])
     xs = (jnp.asarray(schedule.num_masked[first:end], jnp.int32),
           jnp.asarray(schedule.num_pred[first:end], jnp.int32),
-          scales[first:end], step_keys[first:end], steps_noise)
+          scales[first:end], jnp.arange(first, end), steps_noise)
     (tokens, known), _ = jax.lax.scan(step, (tokens, known), xs)
   return tokens
 
@@ -223,22 +239,33 @@ class MarSampler:
   clip_tokens: bool = True
 
   def __post_init__(self):
+    if isinstance(self.num_iter, bool) or not isinstance(self.num_iter, int) or self.num_iter <= 0:
+      raise ValueError(f"num_iter={self.num_iter!r}: must be an integer > 0")
+    check_num_steps(self.num_steps, self.head)
     head = head_with_solver(self.head, self.solver)
     self.schedule = mask_schedule(self.tokenizer.num_tokens, self.num_iter)
     self._jitted = {}
-    self._sample_images = lambda params, labels, rng, scales, temperature, guided: (
+    self._sample_images = lambda params, labels, rng, scales, temperature, image_ids, guided: (
         self.tokenizer.decode(sample_tokens(
             params, labels, rng, scales, temperature, model=self.model, head=head,
             schedule=self.schedule, guided=guided, num_steps=self.num_steps,
             kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
-            value_range=self.tokenizer.value_range if self.clip_tokens else None)))
+            value_range=self.tokenizer.value_range if self.clip_tokens else None,
+            image_ids=image_ids)))
 
   def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
-               temperature=1.0):
-    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped)."""
+               temperature=1.0, first_index=0):
+    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
+
+    Row b is image `first_index + b` of the request (see Seeds in the module docstring).
+    """
+    check_request(labels, num_classes=self.model.backbone.num_classes, cfg_scale=cfg_scale,
+                  temperature=temperature, first_index=first_index)
     guided = cfg_scale != 1.0  # MAR: `if not cfg == 1.0` doubles the batch
+    scales = cfg_scales(self.schedule, cfg_scale, cfg_schedule_name)
     if guided not in self._jitted:
       self._jitted[guided] = jax.jit(functools.partial(self._sample_images, guided=guided))
-    scales = cfg_scales(self.schedule, cfg_scale, cfg_schedule_name)
-    return self._jitted[guided](params, jnp.asarray(labels, jnp.int32), rng, scales,
-                                jnp.float32(temperature))
+    labels = jnp.asarray(labels, jnp.int32)
+    image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
+    return self._jitted[guided](params, labels, rng, scales, jnp.float32(temperature),
+                                image_ids)

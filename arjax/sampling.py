@@ -11,15 +11,27 @@ rows [B, 2B) the null class, and both halves are fed the same sampled token, so
 the guided velocity is formed inside the head from one network call. The CFG
 scale per position is an array computed on the host (`cfg_schedule`), passed as
 an argument: changing the scale or the ramp does not recompile.
+
+Seeds. Image b of a call is image `first_index + b` of the whole request, and all of its
+randomness comes from `image_keys`: fold_in(rng, that index), then fold_in(., position).
+An image therefore depends on (rng, its index) and its label alone, not on how a request is
+split into batches nor on the other rows of its batch (up to float reduction order: XLA may
+sum a matmul differently for another batch size; tests/test_determinism.py bounds it).
+
+Requests are checked before anything is traced or compiled (`check_request`): labels
+outside [0, num_classes), an empty request, cfg_scale < 0, temperature <= 0 and
+num_steps <= 0 fail with a ValueError naming the argument.
 """
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arjax.models.ar_model import ARModel
+from arjax.models.heads import noise as noise_draws
 
 
 def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
@@ -31,10 +43,67 @@ def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
   raise ValueError(f"cfg_schedule={schedule!r}; known: 'constant', 'linear'")
 
 
+def check_request(labels, *, num_classes: int, cfg_scale, temperature, first_index) -> None:
+  """Raises ValueError naming the argument of a sampling request that cannot be honoured.
+
+  Called by both samplers on the host, before tracing: a bad request costs no compilation.
+  The null class (`num_classes` in the causal model's class table; MAR's `fake_latent`) is
+  not a valid request: it is what the samplers put in the unconditional half of a CFG batch.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    raise ValueError("labels: must be a concrete array of class ids (the sampler jits itself; "
+                     "call it outside jax.jit)")
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels: expected a 1-D array of class ids, got shape {labels.shape}")
+  if labels.size == 0:
+    raise ValueError("labels: empty request (0 images); pass at least one class id")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels: expected integer class ids, got dtype {labels.dtype}")
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(f"labels: class ids must lie in [0, {num_classes}); got {labels[bad[0]]} at "
+                     f"index {bad[0]} ({bad.size} out of range)")
+  for name, value, ok, demand in (
+      ("cfg_scale", cfg_scale, lambda v: v >= 0.0, ">= 0 (1 = no guidance)"),
+      ("temperature", temperature, lambda v: v > 0.0, "> 0")):
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+      value = value.item()  # a 0-d array is a number; a traced one fails here, on the host
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+      raise ValueError(f"{name}={value!r}: expected a number")
+    if not (math.isfinite(value) and ok(value)):
+      raise ValueError(f"{name}={value!r}: must be finite and {demand}")
+  if (isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer))
+      or first_index < 0):
+    raise ValueError(f"first_index={first_index!r}: must be an integer >= 0")
+
+
+def check_num_steps(num_steps, head, name: str = "num_steps") -> None:
+  """The head's sampling steps: an integer > 0, or for the DDPM head also None (its default
+  respacing) or a respacing string such as '100' or 'ddim50'."""
+  respaced = hasattr(head, "gen_diffusion")
+  if isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool):
+    if num_steps <= 0:
+      raise ValueError(f"{name}={num_steps}: must be > 0")
+    return
+  if respaced and (num_steps is None or isinstance(num_steps, str)):
+    return
+  raise ValueError(f"{name}={num_steps!r}: expected an integer > 0"
+                   + (" (or a respacing string, or None)" if respaced else ""))
+
+
+def image_keys(rng, image_ids):
+  """One key per image, fold_in(rng, image index): all that is random about an image."""
+  return noise_draws.fold_in_each(rng, image_ids)
+
+
 def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, guided: bool,
                   num_steps: int, num_tokens: int, cfg_interval=(0.0, 1.0), value_range=None,
-                  cache_dtype=jnp.float32):
+                  cache_dtype=jnp.float32, image_ids=None):
   """labels [B] -> (tokens [B, T, D], z [B', T, W]); B' = 2B with guidance.
+
+  image_ids: int [B], each row's index in the whole request (default 0 .. B-1). Row b's
+  draws at position i come from fold_in(image_keys(rng, image_ids)[b], i) alone.
 
   The z's the decoder conditioned each token on are returned so that tests can
   hold them against a teacher-forced forward pass; callers that drop them pay
@@ -44,6 +113,9 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
   backbone's next steps on prefixes it never saw in training.
   """
   apply = functools.partial(model.apply, {"params": params})
+  if image_ids is None:
+    image_ids = jnp.arange(labels.shape[0])
+  row_keys = image_keys(rng, image_ids)
   if guided:
     labels = jnp.concatenate([labels, jnp.full_like(labels, model.backbone.num_classes)])
   cache = model.backbone.init_cache(labels.shape[0], cache_dtype)
@@ -52,8 +124,9 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
 
   def step(carry, inputs):
     z, cache = carry
-    position, scale, step_rng = inputs
-    token = head.sample(net_fn, z, step_rng, cfg_scale=scale if guided else None,
+    position, scale = inputs
+    keys = noise_draws.fold_in(row_keys, position)  # [B]: one key per image
+    token = head.sample(net_fn, z, keys, cfg_scale=scale if guided else None,
                         temperature=temperature, steps=num_steps, cfg_interval=cfg_interval)
     if value_range is not None:
       token = jnp.clip(token, *value_range)
@@ -61,8 +134,7 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
     z_next, cache = apply(fed, position, cache, method=ARModel.decode_step)
     return (z_next, cache), (token, z)
 
-  rngs = jax.random.split(rng, num_tokens)
-  _, (tokens, zs) = jax.lax.scan(step, (z, cache), (jnp.arange(num_tokens), cfg_scales, rngs))
+  _, (tokens, zs) = jax.lax.scan(step, (z, cache), (jnp.arange(num_tokens), cfg_scales))
   return tokens.transpose(1, 0, 2), zs.transpose(1, 0, 2)
 
 
@@ -86,21 +158,32 @@ class Sampler:
   clip_tokens: bool = True
 
   def __post_init__(self):
+    check_num_steps(self.num_steps, self.head)
     head = head_with_solver(self.head, self.solver)
     self._jitted = {}
-    self._sample_images = lambda params, labels, rng, cfg_scales, temperature, guided: (
+    self._sample_images = lambda params, labels, rng, cfg_scales, temperature, image_ids, guided: (
         self.tokenizer.decode(sample_tokens(
             params, labels, rng, cfg_scales, temperature, model=self.model, head=head,
             guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
             cfg_interval=tuple(self.cfg_interval),
-            value_range=self.tokenizer.value_range if self.clip_tokens else None)[0]))
+            value_range=self.tokenizer.value_range if self.clip_tokens else None,
+            image_ids=image_ids)[0]))
 
   def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
-               temperature=1.0):
-    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped)."""
+               temperature=1.0, first_index=0):
+    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
+
+    Row b is image `first_index + b` of the request: its noise is drawn from that index, so
+    sampling a request in batches, each with the `first_index` of its first image, gives
+    the images of one big batch.
+    """
+    check_request(labels, num_classes=self.model.backbone.num_classes, cfg_scale=cfg_scale,
+                  temperature=temperature, first_index=first_index)
     guided = cfg_scale != 1.0  # a linear ramp to 1 is the constant 1
+    scales = cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
     if guided not in self._jitted:
       self._jitted[guided] = jax.jit(functools.partial(self._sample_images, guided=guided))
-    scales = cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
-    return self._jitted[guided](params, jnp.asarray(labels, jnp.int32), rng, scales,
-                                jnp.float32(temperature))
+    labels = jnp.asarray(labels, jnp.int32)
+    image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
+    return self._jitted[guided](params, labels, rng, scales, jnp.float32(temperature),
+                                image_ids)

@@ -6,6 +6,7 @@ axis names, the names become NamedShardings through the rules table, and the
 real init runs under `jax.jit(..., out_shardings=...)`, so every device only
 ever allocates its own shard.
 """
+import math
 from typing import Any
 
 import jax
@@ -88,3 +89,16 @@ def create(model, optimizer, example_tokens, example_labels, seed: int, mesh, ru
   _, shardings = abstract_state(model, optimizer, example_tokens, example_labels, mesh, rules)
   init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
   return init(jax.random.PRNGKey(seed)), shardings
+
+
+def state_nbytes(state) -> int:
+  """Bytes of every array of `state` (a TrainState of arrays or of ShapeDtypeStructs, e.g.
+  `abstract_state(...)[0]`): the size of one checkpoint's arrays, uncompressed.
+
+  Orbax's files differ from it: they add per-array metadata and compress (zstd). Measured on
+  CPU: 0.92x for one 16 MiB array of random floats, 0.7x to 4.4x for the tiny digits smoke
+  state (freshly initialised / through the CheckpointManager), where metadata dominates.
+  A free-space check should ask for a margin over it.
+  """
+  return sum(int(math.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+             for leaf in jax.tree.leaves(state))

@@ -48,8 +48,8 @@ def mar_imagenet256(size: str):
 
   config.tokenizer = type(config.tokenizer)()
   config.tokenizer.name = "kl_vae"
-  # Weights: MAR's kl16 state dict as .safetensors / .npz (the .ckpt pickle is refused), or a
-  # directory written by `python -m arjax convert`. Required before anything runs.
+  # Weights: MAR's kl16.ckpt (read without running its pickle), its state dict as
+  # .safetensors / .npz, or a directory written by `python -m arjax convert`. Required.
   # A typed placeholder (None until set) so `--config.tokenizer.checkpoint=...` can set it.
   config.tokenizer.checkpoint = ml_collections.config_dict.placeholder(str)
   config.tokenizer.architecture = "kl16"

@@ -15,8 +15,8 @@ each of ten ImageNet classes with arjax's MAR sampler and shows the grid.
 You need two files from MAR's README ("Installation" / pre-trained models):
 `pretrained_models/vae/kl16.ckpt` (the KL-16 tokenizer) and
 `pretrained_models/mar/mar_base/checkpoint-last.pth` (or mar_large / mar_huge; set `CONFIG` to
-match). `.pth`/`.ckpt` files are read with `torch.load(weights_only=True)`, so torch must be
-installed, or re-save them as `.npz` / `.safetensors` (see `arjax/convert/state_dict.py`).
+match). `.pth`/`.ckpt` files are read by arjax's own restricted unpickler: torch is not
+needed, and a pickle that would run code is refused (see `arjax/convert/torch_zip.py`).
 
 Sampling MAR-B takes seconds on a GPU and many minutes on a CPU; lower `NUM_ITER` to go faster.
 Without checkpoint paths the notebook prints how to get them and does nothing else."""

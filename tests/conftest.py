@@ -37,3 +37,22 @@ def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tensorflow_datasets")
   pipeline.prepare("digits", str(path))
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(data_dir, tmp_path_factory):
+  """digits.py:smoke trained SMOKE_RUN_STEPS steps in a fresh workdir: (config, workdir, state).
+
+  Shared by tests that only read it (a second run to compare with, a workdir that refused
+  requests must leave alone); none may write into it.
+  """
+  from arjax import configs, train
+
+  config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
+  config.data.data_dir = data_dir
+  workdir = str(tmp_path_factory.mktemp("smoke_run"))
+  state = train.train_and_evaluate(config, workdir, stop_after=SMOKE_RUN_STEPS)
+  return config, workdir, state
+
+
+SMOKE_RUN_STEPS = 3

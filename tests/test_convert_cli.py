@@ -1,16 +1,21 @@
 """`python -m arjax convert`: official MAR / KL-16 checkpoints become arjax checkpoints.
 
 The "official" files are built here from the golden weights (real MAR state_dict names, see
-the golden README): a MAR `checkpoint-last.pth` look-alike as .npz with `model/*` and
-`model_ema/*` (a perturbed copy), `epoch` and `args_json` (the golden MAR kwargs), and a
-`kl16.ckpt` look-alike `{'model': vae state_dict}` as .npz. The arjax config is the DDPM digits
+the golden README): a MAR `checkpoint-last.pth` in torch.save's zip layout (tests/torch_files.py,
+no torch needed) with `model`, `model_ema` (a perturbed copy), `optimizer`, `scaler`, `epoch`
+and `args` (an argparse.Namespace of the golden MAR kwargs), the same as .npz with `model/*`,
+`model_ema/*`, `epoch` and `args_json`, and a `kl16.ckpt` look-alike
+`{'model': vae state_dict}` as .npz. The arjax config is the DDPM digits
 smoke config at 16x16 pixels with 4x4 patches: 16 tokens of dim 16, mar_tiny's geometry; the
 model and head sizes come from the checkpoint's args.
 """
+import argparse
+import collections
 import importlib.util
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch_files
 from conftest import REPO_ROOT
 
 GOLDEN_DIR = pathlib.Path(
@@ -75,6 +81,21 @@ def write_official_mar(path, model=None, ema=None, args=None, epoch=EPOCH):
   return str(path)
 
 
+def write_official_mar_pth(path, model, ema, args, epoch=EPOCH):
+  """checkpoint-last.pth as MAR's main_mar.py saves it (misc.save_model), torch-free."""
+
+  tensors = lambda sd: collections.OrderedDict((k, torch_files.tensor(v)) for k, v in sd.items())
+  first = next(iter(model.values()))
+  torch_files.save({
+      "model": tensors(model), "model_ema": tensors(ema), "epoch": epoch,
+      "optimizer": {"state": {0: {"step": torch_files.tensor(np.float32(epoch)),
+                                  "exp_avg": torch_files.tensor(np.zeros_like(first))}},
+                    "param_groups": [{"lr": 8e-4, "betas": (0.9, 0.95), "params": [0]}]},
+      "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
+      "args": argparse.Namespace(**args)}, path, archive=pathlib.Path(path).stem)
+  return str(path)
+
+
 def tiny_config(**fields):
   """The base config at mar_tiny's token geometry (and its sizes, when given as fields)."""
   from arjax import configs
@@ -99,7 +120,7 @@ def converted(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("convert")
   model = golden_state_dict(MAR_GOLDEN)
   ema = perturbed(model)
-  source = write_official_mar(tmp / "checkpoint-last.npz", model, ema, golden_mar_kwargs())
+  source = write_official_mar_pth(tmp / "checkpoint-last.pth", model, ema, golden_mar_kwargs())
   out = tmp / "mar_tiny"
   result = arjax("convert", f"--source={source}", f"--out={out}", f"--config={BASE_CONFIG}",
                  *GEOMETRY)
@@ -330,27 +351,29 @@ def test_unknown_suffix_and_missing_file_are_named(tmp_path):
     load_checkpoint(tmp_path / "nope.npz")
 
 
-@pytest.mark.skipif(HAVE_TORCH, reason="torch is installed: .pth files are read")
-def test_pth_is_refused_in_one_line_without_torch(tmp_path):
+def test_a_pth_that_would_run_code_is_refused_in_one_line(tmp_path):
+  marker = tmp_path / "marker"
   source = tmp_path / "checkpoint-last.pth"
-  source.write_bytes(b"\x80\x02}q\x00.")  # a pickle; never opened without torch
+  # A zip in torch.save's layout whose pickle calls os.system (see tests/test_safe_loading.py).
+  payload = torch_files.CallOnLoad(os.system, f"touch {marker}")
+  torch_files.save({}, source, data_pickle=pickle.dumps(payload, protocol=2))
   result = arjax("convert", f"--source={source}", f"--out={tmp_path / 'out'}", check=False)
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f"error: {source}: PyTorch pickle refused")
-  assert "torch is not installed" in lines[0] and ".npz/.safetensors" in lines[0]
-  assert not (tmp_path / "out").exists()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: {source}: pickle refused: forbidden global '{os.system.__module__}.system'")
+  assert not (tmp_path / "out").exists() and not marker.exists()
 
 
 class _RunsCode:
-  """Pickles to a call of `print`: what weights_only exists to refuse."""
+  """Pickles to a call of `print`: what the restricted reader exists to refuse."""
 
   def __reduce__(self):
     return (print, ("unpickling ran code",))
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
-def test_pth_is_read_with_weights_only_and_code_is_refused(tmp_path, capfd):
+def test_pth_from_torch_save_is_read_and_code_is_refused(tmp_path, capfd):
   import argparse
   import torch
   from arjax.convert.state_dict import CheckpointError, load_checkpoint
@@ -367,7 +390,8 @@ def test_pth_is_read_with_weights_only_and_code_is_refused(tmp_path, capfd):
   assert ckpt.ignored == ("optimizer", "scaler")
 
   torch.save({"model": weights, "hook": _RunsCode()}, tmp_path / "evil.pth")
-  with pytest.raises(CheckpointError, match=r"evil.pth: refused by torch.load\(weights_only"):
+  with pytest.raises(CheckpointError, match=r"evil.pth: pickle refused: forbidden global "
+                     r"'builtins.print'"):
     load_checkpoint(tmp_path / "evil.pth")
   assert "unpickling ran code" not in capfd.readouterr().out
 

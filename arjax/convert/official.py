@@ -26,7 +26,8 @@ of the Flax params tree in DIR (`ocp.StandardCheckpointer().save(DIR, params)`),
 `config.tokenizer.checkpoint=DIR` loads; DIR/arjax_vae.json records the architecture.
 
 Files are read by `arjax.convert.state_dict.load_checkpoint` (.npz, .safetensors, or .pth/.ckpt
-through `torch.load(weights_only=True)`; its docstring gives the flat-file key convention).
+through arjax's restricted unpickler, torch not needed; its docstring gives the flat-file key
+convention).
 Nothing is skipped silently: unread entries (the optimizer state) and substitutions (one state
 dict used for both params and ema_params) are reported.
 """

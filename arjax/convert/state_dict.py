@@ -1,17 +1,26 @@
 """Reading PyTorch checkpoints safely, and matching a state dict against a Flax module.
 
-Every importer reads files through `load_checkpoint` (never an arbitrary unpickle: `.npz`,
-`.safetensors`, or `torch.load(weights_only=True)` when torch is installed) and goes through
-`to_params`, so all of them refuse a mismatched checkpoint the same way: one ValueError
-listing every missing, unexpected and mis-shaped key by name; nothing is skipped silently.
+Every importer reads files through `load_checkpoint`, which never unpickles arbitrary code:
+`.npz` (allow_pickle=False), `.safetensors`, and `.pth`/`.ckpt` zip files through arjax's own
+restricted reader (`torch_zip`: no torch needed, a pickle naming anything but tensors,
+storages, OrderedDict and argparse.Namespace is refused, naming the global). Only torch < 1.6's
+legacy (non-zip) format goes to `torch.load(weights_only=True)`, when torch is installed.
+Importers then go through `to_params`, so all of them refuse a mismatched checkpoint the same
+way: one ValueError listing every missing, unexpected and mis-shaped key by name; nothing is
+skipped silently.
 """
+import argparse
 import dataclasses
 import json
 import pathlib
+import pickle
+import zipfile
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
+
+from arjax.convert import torch_zip
 
 # torch name -> (flax path, expected torch shape, dtype)
 Expected = Mapping[str, Tuple[Sequence[str], tuple, object]]
@@ -60,7 +69,8 @@ def to_params(given: Mapping[str, np.ndarray], expected: Expected, *, what: str,
 #                 optional scalars `epoch` (integer) and `args_json` (JSON of vars(args)).
 #   .safetensors  `<group>/<torch name>` tensors likewise; `epoch` and `args_json` in the
 #                 header's string metadata.
-# E.g., from a trusted official checkpoint (torch installed):
+# (.pth/.ckpt files are read directly; a flat file is for weights from elsewhere, or for a
+# checkpoint whose pickle holds more than the reader allows.) E.g., from a trusted checkpoint:
 #   ckpt = torch.load("checkpoint-last.pth", map_location="cpu", weights_only=False)
 #   np.savez("mar.npz", epoch=ckpt["epoch"], args_json=json.dumps(vars(ckpt["args"])),
 #            **{f"{g}/{k}": v.float().numpy() for g in ("model", "model_ema")
@@ -95,22 +105,22 @@ def load_checkpoint(path, groups: Optional[Sequence[str]] = None) -> Checkpoint:
   """Reads a checkpoint file; never unpickles arbitrary code.
 
   `.npz` (allow_pickle=False) and `.safetensors` are read directly; `.pth`/`.pt`/`.ckpt`/`.bin`
-  need torch and go through `torch.load(..., weights_only=True)`, with `argparse.Namespace`
-  (MAR's `args`) the one class allowed beyond tensors and containers. Only the `groups` asked
-  for are materialised (None: all), so an optimizer state next to the weights costs nothing;
-  the bare group "" is always read. Entries left unread are listed in `Checkpoint.ignored`.
+  zip files (torch.save since 1.6) by `torch_zip`'s restricted unpickler, torch or not, with
+  `argparse.Namespace` (MAR's `args`) the one class allowed beyond tensors and containers;
+  a legacy non-zip torch file needs torch (`torch.load(weights_only=True)`). Only the `groups`
+  asked for are materialised (None: all), so an optimizer state next to the weights costs
+  nothing; the bare group "" is always read. Entries left unread are listed in
+  `Checkpoint.ignored`.
   """
   path = pathlib.Path(path)
   suffix = path.suffix.lower()
   if suffix not in FLAT_SUFFIXES + PICKLE_SUFFIXES:
     raise CheckpointError(f"{path}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
                           f"expected one of {', '.join(FLAT_SUFFIXES + PICKLE_SUFFIXES)}")
-  if suffix in PICKLE_SUFFIXES:
-    torch = _import_torch(path)  # before the file check: the refusal does not depend on it
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if suffix in PICKLE_SUFFIXES:
-    return _from_torch(path, _torch_load(torch, path), groups)
+    return _from_pickle_file(path, groups)
   return _from_flat(path, groups)
 
 
@@ -138,14 +148,23 @@ def _from_flat(path: pathlib.Path, groups) -> Checkpoint:
       data = np.load(path, allow_pickle=False)
     except Exception as e:  # zipfile/format errors come in many types
       raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
+    def read(key):
+      try:
+        return data[key]
+      except ValueError as e:
+        if "allow_pickle" in str(e):  # np.load's refusal of an object array
+          raise CheckpointError(f"{path}: array {key!r} holds Python objects (a pickle); "
+                                "refused") from None
+        raise CheckpointError(f"{path}: array {key!r} is not readable ({e})") from None
+
     with data:
-      metadata = {k: data[k] for k in _METADATA_KEYS if k in data.files}
+      metadata = {k: read(k) for k in _METADATA_KEYS if k in data.files}
       for key in data.files:
         if key in metadata:
           continue
         group, name = _group_of(key)
         if _wanted(group, groups):
-          state_dicts.setdefault(group, {})[name] = data[key]
+          state_dicts.setdefault(group, {})[name] = read(key)
         else:
           ignored.add(group)
     epoch = int(metadata["epoch"]) if "epoch" in metadata else None
@@ -178,22 +197,56 @@ def _from_flat(path: pathlib.Path, groups) -> Checkpoint:
   return Checkpoint(str(path), state_dicts, epoch, args, tuple(sorted(ignored)))
 
 
+def _from_pickle_file(path: pathlib.Path, groups) -> Checkpoint:
+  """A torch.save file: a zip through the restricted reader; legacy format through torch."""
+  if zipfile.is_zipfile(path):
+    try:
+      reader = torch_zip.TorchZipReader(path)
+    except torch_zip.ForbiddenGlobal as e:
+      raise CheckpointError(f"{path}: pickle refused: {e}. If you trust the file, "
+                            f"{RESAVE_HINT}") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    with reader:
+      try:
+        return _from_torch(path, reader.obj, groups,
+                           is_tensor=lambda v: isinstance(v, torch_zip.LazyTensor),
+                           to_numpy=reader.array)
+      except (ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+  # Not a zip: torch < 1.6's format starts with a pickled magic number; anything else is a
+  # bare pickle. Either way the first object goes through the restricted unpickler, so a
+  # pickle that would run code is refused here, torch or not.
+  with open(path, "rb") as f:
+    try:
+      first = torch_zip.restricted_load(f)
+    except torch_zip.ForbiddenGlobal as e:
+      raise CheckpointError(f"{path}: pickle refused: {e}") from None
+    except Exception as e:  # unpickling garbage raises many types
+      raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor "
+                            f"a readable pickle: {e})") from None
+  if isinstance(first, int) and first == torch_zip.LEGACY_MAGIC_NUMBER:
+    return _from_torch(path, _torch_load(_import_torch(path), path), groups,
+                       is_tensor=_is_torch_tensor, to_numpy=_to_numpy)
+  raise CheckpointError(f"{path}: a bare pickle, not a PyTorch checkpoint (torch.save writes a "
+                        "zip holding <name>/data.pkl); refused")
+
+
 def _import_torch(path):
   try:
     import torch
   except ImportError:
     raise CheckpointError(
-        f"{path}: PyTorch pickle refused: torch is not installed, and arjax reads .pth/.ckpt "
-        "only through torch.load(weights_only=True). Install torch (the CPU build is enough), "
-        "or re-save the state dicts as .npz/.safetensors (see arjax/convert/state_dict.py)"
-    ) from None
+        f"{path}: legacy (torch < 1.6, non-zip) PyTorch checkpoint: arjax reads those only "
+        "through torch.load(weights_only=True), and torch is not installed. Install torch "
+        "(the CPU build is enough), or re-save it with a recent torch (a zip) or as "
+        ".npz/.safetensors (see arjax/convert/state_dict.py)") from None
   return torch
 
 
 def _torch_load(torch, path: pathlib.Path):
-  import argparse
   import contextlib
-  import pickle
 
   # MAR stores its argparse.Namespace under 'args'; weights_only refuses every class it does
   # not know, and a Namespace is a plain attribute bag, so it is the one allowed.
@@ -201,13 +254,7 @@ def _torch_load(torch, path: pathlib.Path):
   allow = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
   try:
     with allow:
-      try:
-        # mmap: the optimizer state beside the weights is never read into memory.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-      except RuntimeError as e:
-        if "mmap" not in str(e):
-          raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+      return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which will not "
                           f"run code from a pickle ({_unpickler_reason(e)}). If you trust the "
@@ -233,8 +280,12 @@ def _to_numpy(tensor):
   return tensor.numpy()
 
 
-def _from_torch(path: pathlib.Path, obj, groups) -> Checkpoint:
-  is_tensor = lambda v: type(v).__module__.startswith("torch") and hasattr(v, "detach")
+def _is_torch_tensor(value) -> bool:
+  return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _from_torch(path: pathlib.Path, obj, groups, *, is_tensor, to_numpy) -> Checkpoint:
+  """The Checkpoint of a loaded torch.save object (tensors by `is_tensor`, read by `to_numpy`)."""
   if not isinstance(obj, dict):
     raise CheckpointError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
   state_dicts: Dict[str, Dict[str, np.ndarray]] = {}
@@ -242,14 +293,14 @@ def _from_torch(path: pathlib.Path, obj, groups) -> Checkpoint:
   epoch = args = None
   for key, value in obj.items():
     if is_tensor(value):
-      state_dicts.setdefault("", {})[key] = _to_numpy(value)
+      state_dicts.setdefault("", {})[key] = to_numpy(value)
     elif key == "epoch" and isinstance(value, int):
       epoch = value
-    elif key == "args" and value is not None:
-      args = dict(vars(value)) if not isinstance(value, dict) else dict(value)
+    elif key == "args" and isinstance(value, (dict, argparse.Namespace)):
+      args = dict(value) if isinstance(value, dict) else dict(vars(value))
     elif (isinstance(value, dict) and value and all(is_tensor(v) for v in value.values())
           and _wanted(key, groups)):
-      state_dicts[key] = {name: _to_numpy(v) for name, v in value.items()}
+      state_dicts[key] = {name: to_numpy(v) for name, v in value.items()}
     else:
       ignored.append(str(key))
   return Checkpoint(str(path), state_dicts, epoch, args, tuple(ignored))

@@ -12,8 +12,9 @@ ValueError; nothing is silently skipped. Checkpoints that carry extra, known-irr
 (LDM's `loss.*` discriminator/LPIPS weights) must name them in `ignore_prefixes`.
 
 Files are read by `arjax.convert.state_dict.load_checkpoint`: `.npz` (allow_pickle=False),
-`.safetensors` (if the `safetensors` package is installed), or a PyTorch `.pth`/`.ckpt` through
-`torch.load(weights_only=True)` when torch is installed (refused otherwise). Nested dicts become
+`.safetensors` (if the `safetensors` package is installed), or a PyTorch `.pth`/`.ckpt` zip
+through arjax's restricted unpickler (`arjax.convert.torch_zip`: no torch needed; a pickle that
+names anything but tensors and plain containers is refused). Nested dicts become
 `<group>/<name>` keys: MAR's kl16.ckpt is {'model': state_dict}, read with prefix="model/".
 A directory is an Orbax checkpoint of the already-converted Flax params tree. `load_vae_params`
 reads all three and is what `config.tokenizer.checkpoint` goes through.
@@ -130,7 +131,7 @@ def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), pre
     a directory                 an Orbax checkpoint of the Flax params tree (StandardSave), as
                                 `python -m arjax convert` writes it; `prefix` does not apply
     .npz / .safetensors file    a PyTorch `AutoencoderKL.state_dict()`, converted here
-    .ckpt / .pth (torch needed)  the same, read with weights_only; a release file nesting it
+    .ckpt / .pth file           the same (restricted unpickler, no torch); a release file nesting it
                                 as {'model': state_dict} (kl16.ckpt) is unwrapped, its `loss.*`
                                 weights (the LDM training loss) left out
 
@@ -138,8 +139,9 @@ def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), pre
   missing, unexpected or mis-shaped parameter if the weights are not `config`'s.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no VAE weights there (expected an .npz/.safetensors "
-                            "state dict or a directory written by `python -m arjax convert`)")
+    raise FileNotFoundError(f"{path}: no VAE weights there (expected a .ckpt/.pth, .npz or "
+                            ".safetensors state dict, or a directory written by "
+                            "`python -m arjax convert`)")
   try:
     if os.path.isdir(path):
       return _params_from_orbax(path, config)

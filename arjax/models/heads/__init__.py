@@ -6,7 +6,8 @@ The contract every head keeps (so backbones and decoders never special-case one)
     head.sample(net_fn, z [N, W] (or [2N, W] with CFG), rng, cfg_scale, temperature, steps) -> x [N, D]
 
 `net_fn(x_t, t, z)` is the head network applied with its parameters bound,
-a pure function: heads hold configuration, never parameters.
+a pure function: heads hold configuration, never parameters. `sample`'s `rng` is one key or
+one key per row [N] (`noise.py`): per-row keys make each row's draws its own.
 """
 from arjax.models.heads.diffusion import MarDiffusion
 from arjax.models.heads.flow import FlowHeadNet, FlowMatching

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.models.heads import noise as noise_draws
+
 NetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 SCHEDULE_KEYS = (
@@ -319,6 +321,8 @@ class MarDiffusion:
     noise: optional (init_noise [N, D], step_noise [S, rows, D]) replacing every draw:
       step_noise[j] is used at respaced index S-1-j (MAR's call order; entry S-1 is
       multiplied by 0); with CFG rows may be 2N (MAR's recorded draws), the first N are used.
+    rng: one key, or one key per row [N] (`arjax.models.heads.noise`): then row i's initial
+      and per-step draws come from key i alone.
     """
     sched = self.gen_diffusion(steps)
     num_steps = sched.num_timesteps
@@ -326,8 +330,8 @@ class MarDiffusion:
     n = z.shape[0] // 2 if guided else z.shape[0]
     c = self.token_dim
     if noise is None:
-      init_rng, step_rng = jax.random.split(rng)
-      x = jax.random.normal(init_rng, (n, c))
+      init_rng, step_rng = noise_draws.split(rng)
+      x = noise_draws.normal(init_rng, n, (c,))
       step_noise = None
     else:
       x = jnp.asarray(noise[0], jnp.float32)
@@ -346,7 +350,7 @@ class MarDiffusion:
       else:
         model_output = net_fn(x, timestep_map[t], z)
       out = p_mean_variance(sched, model_output, x, t)
-      eps_draw = (jax.random.normal(jax.random.fold_in(step_rng, j), x.shape)
+      eps_draw = (noise_draws.normal(noise_draws.fold_in(step_rng, j), n, (c,))
                   if step_noise is None else step_noise[j])
       nonzero_mask = (t != 0).astype(jnp.float32)[:, None]
       # MAR p_sample: mean + mask * exp(0.5 * log_var) * noise * temperature (same order).

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from arjax.models import layers
+from arjax.models.heads import noise as noise_draws
 
 Dtype = Any
 NetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -144,11 +145,12 @@ class FlowMatching:
     velocity is v_u + cfg_scale * (v_c - v_u) while t lies in `cfg_interval`,
     plain v_c outside it (guidance limited to an interval of noise levels,
     Kynkaanniemi et al. 2024: guiding at the noisiest t mostly costs
-    diversity). `temperature` scales the initial noise.
+    diversity). `temperature` scales the initial noise. `rng` is one key or one key per
+    row [N] (`arjax.models.heads.noise`); the ODE itself draws nothing.
     """
     guided = cfg_scale is not None
     n = z.shape[0] // 2 if guided else z.shape[0]
-    x = temperature * jax.random.normal(rng, (n, self.token_dim))
+    x = temperature * noise_draws.normal(rng, n, (self.token_dim,))
 
     def velocity(x, t):
       xx = jnp.concatenate([x, x]) if guided else x
