@@ -8,7 +8,11 @@ class DiskSpaceError(OSError):
 
 
 def check_workdir(workdir: str) -> None:
-  """Fails early (before any training) when the workdir cannot be written."""
+  """Fails early (before any training) when the workdir cannot be written, or is a URL."""
+  if "://" in workdir:
+    # os.makedirs would make a local directory named 'gs:'; every host must see one path.
+    raise OSError(f"--workdir={workdir}: arjax writes to file-system paths, not URLs; mount the "
+                  "bucket (e.g. gcsfuse, as launch/tpu_pod.py does) and pass its local path")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{os.getpid()}")

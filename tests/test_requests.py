@@ -148,3 +148,13 @@ def test_too_little_free_space_fails_naming_workdir_free_and_needed_bytes(smoke_
   assert not os.path.exists(tmp_path / "not")
   with pytest.raises(ValueError, match=r"needed_bytes=-1: expected an integer >= 0"):
     check_free_space(workdir, -1)
+
+
+@pytest.mark.parametrize("workdir", ["gs://bucket/run", "s3://bucket/run"])
+def test_a_url_workdir_is_refused_before_anything_is_made(workdir, tmp_path, monkeypatch):
+  from arjax.workdir import check_workdir
+
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(OSError, match="not URLs; mount the bucket"):
+    check_workdir(workdir)
+  assert os.listdir(tmp_path) == []  # no local 'gs:' directory
