@@ -58,8 +58,9 @@ def check_finite(streak: int, metrics, done: int, limit: int) -> None:
   if streak < limit:
     return
   bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
+  what = " and ".join(bad) or "the updated parameters or optimizer state"
   raise NonFiniteError(
-      f"training stopped at step {done}: {' and '.join(bad) or 'loss/grad_norm'} non-finite for "
+      f"training stopped at step {done}: {what} non-finite for "
       f"{streak} consecutive steps since step {done - streak + 1} (config.train."
       f"max_nonfinite_steps={limit}); parameters are those of step {done - streak}, and the "
       "last checkpoint holds no non-finite value")

@@ -30,6 +30,12 @@ def training_tokens(tokenizer, batch, rng):
   return tokenizer.encode(batch["image"], tok_rng)
 
 
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, config):
   """loss_fn(params, tokens, labels, rng) -> scalar: the model family's objective."""
   rng = jax.random.fold_in(state.rng, state.step)
@@ -42,8 +48,11 @@ def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, confi
   grad_norm = optax.tree.norm(grads)
   # A NaN/Inf loss or gradient skips the update: parameters, EMA and optimizer moments stay
   # as they were (a select, so a finite step's numbers are exactly the unguarded ones). The
-  # step still advances, so the next try draws new noise, masks and data.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # step still advances, so the next try draws new noise, masks and data. A finite gradient
+  # can still give a non-finite update (an overflowing learning rate, damaged optimizer
+  # moments), so the new state itself is checked too: the state never holds a NaN/Inf, and
+  # neither does any checkpoint of it.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, ema, opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {
       "loss": loss,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from arjax import configs, sharding, train
+from arjax import checkpoint, configs, sharding, train
 from conftest import REPO_ROOT
 
 
@@ -162,3 +162,27 @@ def test_too_many_non_finite_steps_in_a_row_stop_training_naming_step_and_metric
   with pytest.raises(train.NonFiniteError, match=r"step 10: loss non-finite for 3 consecutive "
                      r"steps since step 8 \(config.train.max_nonfinite_steps=3\)"):
     train.check_finite(3, metrics, done=10, limit=3)
+
+
+def test_a_non_finite_update_from_finite_gradients_is_skipped_and_never_checkpointed(
+    tmp_path, data_dir):
+  """The loss and gradients are finite, the update is not: a learning rate of 1e39 is inf in
+  float32 (and the warmup's first rate inf * 0 = NaN). Those updates are skipped as well, so
+  the state, and every checkpoint of it, keeps the last finite parameters."""
+  config = smoke_config()
+  config.data.data_dir = data_dir
+  config.train.learning_rate = 1e39
+  config.train.num_steps = 2
+  config.train.checkpoint_every = 2
+  config.train.max_nonfinite_steps = 5
+  exp = train.Experiment(config)
+  initial = jax.device_get(exp.init_state()[0])
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2 and int(state.nonfinite_streak) == 2
+  saved = checkpoint.Checkpointer(str(tmp_path), keep=2, save_every=2).restore(
+      exp.abstract_state()[0])
+  assert int(saved.step) == 2
+  for name in ("params", "ema_params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(saved, name)), jax.tree.leaves(getattr(initial, name))):
+      assert np.all(np.isfinite(np.asarray(a)))
+      np.testing.assert_array_equal(np.asarray(a), b)
