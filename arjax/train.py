@@ -1,10 +1,11 @@
 """The training loop: data -> sharded step -> logs, sample grids, checkpoints. Resumes automatically.
 
-Resume precedence: a checkpoint in `workdir/checkpoints` (the newest complete
-one) > a fresh start from `config.seed`. The state holds the RNG and the
-checkpoint holds the grain iterator, so a resumed run continues bit-for-bit.
+Resume precedence: a checkpoint in `workdir/checkpoints` (the newest one that
+restores; damaged newer ones are moved aside, see arjax/checkpoint.py) > a fresh
+start from `config.seed`. The state holds the RNG and the checkpoint holds the
+grain iterator, so a resumed run continues bit-for-bit, however it was stopped:
+a kill -9 anywhere loses at most the steps since the last checkpoint.
 """
-import logging
 import math
 import os
 import time
@@ -72,6 +73,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
   `mesh`: the devices to train on; default the config's mesh over all devices of the job.
   """
   exp = Experiment(config, mesh=mesh)
+  if checkpoint.committed_steps(checkpoint.checkpoint_dir(workdir)):
+    # A config that does not build the checkpoint's arrays fails before the workdir is touched.
+    checkpoint.check_fits(workdir, exp.abstract_state()[0], config)
   c = config
   check_workdir(workdir)
   is_chief = jax.process_index() == 0
@@ -86,7 +90,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
   if ckpt.latest_step() is not None:
     abstract, shardings = exp.abstract_state()
     state = ckpt.restore(abstract, data_iter)
-    logging.info("resumed from step %d", int(state.step))
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
   else:
     state, shardings = exp.init_state()
   step_fn = exp.jit_step(shardings)
