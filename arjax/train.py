@@ -4,7 +4,8 @@ Resume precedence: a checkpoint in `workdir/checkpoints` (the newest one that
 restores; damaged newer ones are moved aside, see arjax/checkpoint.py) > a fresh
 start from `config.seed`. The state holds the RNG and the checkpoint holds the
 grain iterator, so a resumed run continues bit-for-bit, however it was stopped:
-a kill -9 anywhere loses at most the steps since the last checkpoint.
+a kill -9 anywhere loses at most the steps since the last checkpoint, and SIGTERM
+(a preemption notice) checkpoints the step reached and returns.
 """
 import math
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import tqdm
 
 from arjax import checkpoint, sharding
+from arjax.preemption import PreemptionNotice
 from arjax.workdir import check_workdir
 from arjax.data import latents, pipeline
 from arjax.experiment import Experiment  # noqa: F401  (re-exported: train.Experiment)
@@ -67,11 +69,24 @@ def check_finite(streak: int, metrics, done: int, limit: int) -> None:
       "last checkpoint holds no non-finite value")
 
 
+def _say(message: str) -> None:
+  """Tells the user (once, from process 0) what happened to their run."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
   """Trains to config.train.num_steps (or `stop_after` steps, for tests); returns the final state.
 
   `mesh`: the devices to train on; default the config's mesh over all devices of the job.
+  SIGTERM (a preemption notice) saves a checkpoint at the next step boundary and returns
+  early, with a message saying where the checkpoint is.
   """
+  with PreemptionNotice() as preemption:
+    return _train_and_evaluate(config, workdir, stop_after, mesh, preemption)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: PreemptionNotice):
   exp = Experiment(config, mesh=mesh)
   if checkpoint.committed_steps(checkpoint.checkpoint_dir(workdir)):
     # A config that does not build the checkpoint's arrays fails before the workdir is touched.
@@ -90,8 +105,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
   if ckpt.latest_step() is not None:
     abstract, shardings = exp.abstract_state()
     state = ckpt.restore(abstract, data_iter)
-    if jax.process_index() == 0:
-      tqdm.tqdm.write(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
+    _say(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
   else:
     state, shardings = exp.init_state()
   step_fn = exp.jit_step(shardings)
@@ -106,11 +120,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
   bar = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", disable=not is_chief,
                   dynamic_ncols=True, mininterval=1.0)
   last_time, last_step = time.perf_counter(), start
+  preempted = False
   for step in range(start, end):
     batch = sharding.global_batch(next(data_iter), exp.mesh)
     state, metrics = step_fn(state, batch)
     done = step + 1
-    will_save = done % c.train.checkpoint_every == 0 or done == end
+    preempted = preemption.reached(done)
+    will_save = done % c.train.checkpoint_every == 0 or done == end or preempted
     if done % c.train.log_every == 0 or done == end or will_save:
       metrics = jax.device_get(metrics)  # also waits for the step: honest throughput
       check_finite(int(jax.device_get(state.nonfinite_streak)), metrics, done,
@@ -128,10 +144,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
       path = _write_grid(exp, sampler, state.ema_params, done, workdir)
       if is_chief:
         bar.write(f"step {done}: sample grid {path}")
-    ckpt.save(done, state, data_iter, force=(done == end))
+    ckpt.save(done, state, data_iter, force=(done == end or preempted))
+    if preempted:
+      break
   bar.close()
   ckpt.wait()
   ckpt.close()
+  if preempted:
+    _say(f"preempted (SIGTERM): stopped after step {done} of {c.train.num_steps}; checkpoint "
+         f"{ckpt.step_dir(done)} is saved; run the same command to resume from it")
   if writer is not None:
     writer.close()
   return state
