@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from typing import Optional
 
 import jax
@@ -312,6 +313,7 @@ class Checkpointer:
     candidates = [step] if step is not None else list(reversed(committed_steps(self.directory)))
     if not candidates:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    _quiet_abandoned_reads()
     failures = []
     for candidate in candidates:
       error = None
@@ -366,6 +368,45 @@ class Checkpointer:
       self.manager.reload()  # else Orbax still lists the moved steps, and refuses to re-save them
 
 
+_ABANDONED_READ = "Encountered error while reading array index"  # Orbax's failed-read message
+
+
+def _is_abandoned_read(error) -> bool:
+  return error is not None and (str(error) == "Event loop is closed" or
+                                str(error).startswith(_ABANDONED_READ))
+
+
+class _DropAbandonedReads(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops Python's reports of the reads Orbax abandons when one read of a checkpoint fails.
+
+  Orbax reads all arrays concurrently; once one fails, the others are left mid-flight and each
+  is reported as it finishes or is collected (sys.unraisablehook: "Event loop is closed",
+  "Encountered error while reading array index ..."; asyncio's logger: "Task exception was
+  never retrieved"): hundreds of tracebacks that bury the one-line warning naming the bad step.
+  Only those reports are dropped; every other one still goes where it went.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "arjax_drops_abandoned_reads", False):
+    return
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      previous(unraisable)
+  hook.arjax_drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_DropAbandonedReads())
+
+
 def _one_line(error: BaseException, limit: int = 300) -> str:
+  """The error at the bottom of `error`'s chain (the file and byte range TensorStore could not
+  read, rather than Orbax's wrapper around it), on one line."""
+  seen = {id(error)}
+  while (cause := error.__cause__ or error.__context__) is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    error = cause
   text = " ".join(f"{type(error).__name__}: {error}".split())
   return text if len(text) <= limit else text[:limit] + "..."
