@@ -164,6 +164,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_training_naming_step_and_metric
     train.check_finite(3, metrics, done=10, limit=3)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr=1e39
 def test_a_non_finite_update_from_finite_gradients_is_skipped_and_never_checkpointed(
     tmp_path, data_dir):
   """The loss and gradients are finite, the update is not: a learning rate of 1e39 is inf in
