@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import tqdm
 
-from arjax import checkpoint, sharding
+from arjax import checkpoint, sharding, train_state
 from arjax.preemption import PreemptionNotice
-from arjax.workdir import check_workdir
+from arjax.workdir import check_free_space, check_workdir
 from arjax.data import latents, pipeline
 from arjax.experiment import Experiment  # noqa: F401  (re-exported: train.Experiment)
 from arjax.image_grid import save_class_grid
@@ -93,6 +93,10 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
     checkpoint.check_fits(workdir, exp.abstract_state()[0], config)
   c = config
   check_workdir(workdir)
+  # Room for two checkpoints: the new one is written before an old one may go (Orbax's files
+  # are not the arrays' size; ~1-4x on small states).
+  check_free_space(workdir, 2 * train_state.state_nbytes(exp.abstract_state()[0]),
+                   what="two checkpoints of the train state")
   is_chief = jax.process_index() == 0
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:

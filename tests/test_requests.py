@@ -158,3 +158,16 @@ def test_a_url_workdir_is_refused_before_anything_is_made(workdir, tmp_path, mon
   with pytest.raises(OSError, match="not URLs; mount the bucket"):
     check_workdir(workdir)
   assert os.listdir(tmp_path) == []  # no local 'gs:' directory
+
+
+def test_training_refuses_a_workdir_without_room_for_its_checkpoints(tmp_path, data_dir):
+  from arjax import train
+
+  config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
+  config.data.data_dir = data_dir
+  # ~10^14 bytes of state (traced abstractly, never allocated): more than any test disk holds.
+  config.model.width, config.model.depth = 2**16, 64
+  workdir = tmp_path / "run"
+  with pytest.raises(DiskSpaceError, match="needed for two checkpoints of the train state"):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.listdir(workdir) == []  # checked before config.json, TensorBoard or checkpoints
