@@ -88,14 +88,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after=None, mesh=None):
 
 def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: PreemptionNotice):
   exp = Experiment(config, mesh=mesh)
+  # Traced once: the checks below and a restore all read the state's shapes and shardings.
+  abstract, shardings = exp.abstract_state()
   if checkpoint.committed_steps(checkpoint.checkpoint_dir(workdir)):
     # A config that does not build the checkpoint's arrays fails before the workdir is touched.
-    checkpoint.check_fits(workdir, exp.abstract_state()[0], config)
+    checkpoint.check_fits(workdir, abstract, config)
   c = config
   check_workdir(workdir)
   # Room for two checkpoints: the new one is written before an old one may go (Orbax's files
   # are not the arrays' size; ~1-4x on small states).
-  check_free_space(workdir, 2 * train_state.state_nbytes(exp.abstract_state()[0]),
+  check_free_space(workdir, 2 * train_state.state_nbytes(abstract),
                    what="two checkpoints of the train state")
   is_chief = jax.process_index() == 0
   if is_chief:
@@ -107,7 +109,6 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints,
                                  save_every=c.train.checkpoint_every)
   if ckpt.latest_step() is not None:
-    abstract, shardings = exp.abstract_state()
     state = ckpt.restore(abstract, data_iter)
     _say(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
   else:
