@@ -58,17 +58,10 @@ def mesh_sizes(config, num_devices: Optional[int] = None) -> dict:
     raise configs.ConfigError(f"{e} (--num_devices={num_devices})") from e
 
 
-def _axes_size(mesh_axes, sizes: dict) -> int:
-  """Devices one dimension is split over: the product of its mesh axes' sizes (1 if None)."""
-  if mesh_axes is None:
-    return 1
-  return math.prod(sizes[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
-
-
 def shard_shape(shape, mesh_spec, sizes: dict) -> tuple:
   """One device's shard of an array of `shape` laid out as `mesh_spec` (a PartitionSpec)."""
   spec = tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec))
-  return tuple(-(-dim // _axes_size(axes, sizes)) for dim, axes in zip(shape, spec))
+  return tuple(-(-dim // sharding.axes_size(axes, sizes)) for dim, axes in zip(shape, spec))
 
 
 def abstract_tokenizer(config):
@@ -113,7 +106,7 @@ def divisibility_warnings(param_rows, sizes: dict) -> list:
   uneven = collections.defaultdict(list)
   for path, shape, _, names, spec, _ in param_rows:
     for dim, name, axes in zip(shape, names, tuple(spec) + (None,) * len(shape)):
-      if dim % _axes_size(axes, sizes):
+      if dim % sharding.axes_size(axes, sizes):
         uneven[(name, dim, axes)].append(path)
   lines = []
   for (name, dim, axes), paths in uneven.items():
@@ -179,7 +172,7 @@ def activation_bytes(config, tokenizer, rules, sizes: dict) -> dict:
   Returns {'<section>.<field>[ + ...]': bytes of those stacks at their depth, ...,
   'rest': the layers outside the stacks and the loss, 'total'}.
   """
-  batch_split = _axes_size(nn.logical_to_mesh_axes(("batch",), rules)[0], sizes)
+  batch_split = sharding.axes_size(nn.logical_to_mesh_axes(("batch",), rules)[0], sizes)
   rows = -(-config.train.global_batch_size // batch_split)
   # Stacks of equal depth (MAR's encoder and decoder) vary together: one trace fewer.
   groups = collections.defaultdict(list)

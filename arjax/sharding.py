@@ -60,6 +60,14 @@ def rules_from_config(sharding_cfg) -> tuple:
   return tuple(rules)
 
 
+def axes_size(mesh_axes, sizes) -> int:
+  """Devices one dimension is split over: the product of the sizes (a mapping axis -> size,
+  e.g. `mesh.shape`) of a rule's mesh axes, which may be None, one name, or several."""
+  if mesh_axes is None:
+    return 1
+  return math.prod(sizes[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
+
+
 class ShardingError(ConfigError):
   """The mesh and the rules table cannot shard the model as asked (a config mistake)."""
 
@@ -86,9 +94,9 @@ def check_rules(boxed_tree, mesh: Mesh, rules) -> None:
             f"{where} has logical axis {name!r}, which config.sharding.rules does not list; "
             f"add e.g. ({name!r}, None) to replicate it (listed: {sorted(table)})")
       axes = table[name]
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-      size = math.prod(mesh.shape[a] for a in axes)
+      size = axes_size(axes, mesh.shape)
       if dim % size:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         raise ShardingError(
             f"{where}: its {name!r} dimension is {dim}, which the mesh axes {axes} "
             f"(config.sharding.rules) of total size {size} (config.mesh.shape="
