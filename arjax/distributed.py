@@ -57,12 +57,12 @@ def resolve(coordinator_address: Optional[str] = None, num_processes: Optional[i
   env = os.environ if env is None else env
   fields = ("coordinator_address", "num_processes", "process_id")
   explicit = dict(zip(fields, (coordinator_address, num_processes, process_id)))
-  spell = lambda field: "--" + field
+  source, spell = "flags", lambda field: "--" + field
   if all(v is None for v in explicit.values()):
     explicit = {"coordinator_address": env.get(ENV_PREFIX + "COORDINATOR_ADDRESS") or None,
                 "num_processes": _env_int(env, ENV_PREFIX + "NUM_PROCESSES"),
                 "process_id": _env_int(env, ENV_PREFIX + "PROCESS_ID")}
-    spell = lambda field: ENV_PREFIX + field.upper()
+    source, spell = "environment", lambda field: ENV_PREFIX + field.upper()
   given = [f for f in fields if explicit[f] is not None]
   if given:
     missing = [f for f in fields if explicit[f] is None]
@@ -80,8 +80,7 @@ def resolve(coordinator_address: Optional[str] = None, num_processes: Optional[i
       raise SetupError(f"{spell('num_processes')}={count}: must be >= 1")
     if not 0 <= index < count:
       raise SetupError(f"{spell('process_id')}={index}: must lie in [0, {count})")
-    how = "flags" if spell("x") == "--x" else "environment"
-    return Coordinates(address, count, index, how=f"{count} processes ({how})")
+    return Coordinates(address, count, index, how=f"{count} processes ({source})")
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return Coordinates(how="SLURM (auto-detected)")
   if _is_tpu_pod(env):

@@ -6,6 +6,7 @@ devices) must reach the same parameters, and a checkpoint the 2-process job wrot
 resume here, in one process, and continue exactly as a 1-process run would.
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_workdir, da
                                                          tmp_path):
   workdir, _ = two_process_workdir
   resumed_dir = str(tmp_path / "resumed")
-  os.system(f"cp -r {workdir} {resumed_dir}")
+  shutil.copytree(workdir, resumed_dir)
   longer = _config(data_dir, **{"train.num_steps": STEPS + 2})
   resumed = train.train_and_evaluate(longer, resumed_dir)
   reference = train.train_and_evaluate(longer, str(tmp_path / "reference"))
