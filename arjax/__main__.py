@@ -1,6 +1,6 @@
 """Command line: python -m arjax train|sample|eval --config=configs/X.py --workdir=DIR
 
-    python -m arjax bench --config=configs/X.py --mode=train|sample [--batch=N] [--repeats=N]
+    python -m arjax bench --config=configs/X.py --mode=train|sample|decode [--batch=N] [--repeats=N]
         [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
 
 times the jitted train step or sampler (see `arjax.bench`); it needs no
@@ -45,7 +45,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 # bench only.
-_MODE = flags.DEFINE_enum("mode", None, ["train", "sample"], "bench: what to time.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "decode"],
+                          "bench: what to time (decode: the causal sampler's per-token step).")
 _BATCH = flags.DEFINE_integer(
     "batch", None, "bench: batch size; default config.train.global_batch_size (train) or "
     "config.sample.batch_size (sample). cache_latents: images per encoding call; default 32 "
@@ -87,7 +88,7 @@ def main(argv):
       raise app.UsageError("describe: --config is required")
   elif argv[1] == "bench":
     if _CONFIG.value is None or _MODE.value is None:
-      raise app.UsageError("bench: --config and --mode=train|sample are required")
+      raise app.UsageError("bench: --config and --mode=train|sample|decode are required")
   elif argv[1] == "cache_latents":
     if _CONFIG.value is None or (_OUT.value is None and _CONFIG.value.data.get("latents") is None):
       raise app.UsageError("cache_latents: --config and --out=DIR (or config.data.latents) "

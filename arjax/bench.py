@@ -1,12 +1,14 @@
 """`bench`: time the real jitted train step or sampler of a config, count its FLOPs, report MFU.
 
-    python -m arjax bench --config=configs/digits.py --mode=train [--batch=N] [--repeats=N]
-        [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
+    python -m arjax bench --config=configs/digits.py --mode=train|sample|decode [--batch=N]
+        [--repeats=N] [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
 
 What is timed is exactly what `train` and `sample` run: `Experiment.jit_step`
 on a sharded synthetic batch of the config's shape (random pixels, labels
 cycling over the classes), or `Experiment.sampler()` with the config's sample
-settings (CFG scale and schedule, solver, ODE steps, temperature). Parameters
+settings (CFG scale and schedule, solver, ODE steps, temperature), or (decode, causal
+family) one token step of that sampler, the head's sampling of token i and the backbone's
+KV-cached step at position i, at the first, middle and last position. Parameters
 are freshly initialised: the arithmetic does not depend on their values.
 
 Every call is followed by `jax.block_until_ready`, so a time is one call's
@@ -42,11 +44,18 @@ The report (JSON; `run` returns it as a dict):
                                       matmul precision, as the model does: TF32 on GPUs
   peak_dtype, mfu                     the peak used (compute dtype where measured), and
                                       achieved_flops_per_s / that peak
+  datasheet_peak_flops_per_s          the chips' datasheet dense peak for the compute dtype
+  mfu_datasheet                       (DATASHEET_PEAK_FLOPS; TF32 for float32 on NVIDIA), all
+                                      devices together, and MFU against it; null on CPU
   peak_memory_bytes                   max over devices of peak_bytes_in_use; null on CPU
   profile_dir                         where --profile wrote the trace of the timed calls
   train only: batch_mul; sample only: cfg_scale, cfg_schedule, cfg_interval, guided,
-  num_steps, solver, temperature, head_evaluations (ODE evaluations or DDPM steps per
-  token); MAR family: num_iter, kept_buckets
+  num_steps, solver (null for the DDPM head), temperature, head_evaluations (ODE evaluations
+  or DDPM steps per token); MAR family: num_iter, kept_buckets
+  decode (causal only; a call is ONE token step of the batch, at the middle position, so
+  images_per_s = batch / (median_s x num_tokens)): the sample fields, and decode_positions
+  [first, middle, last], decode_median_s / decode_min_s / decode_max_s per position,
+  decode_last_over_first (median at the last position / at the first)
 """
 import contextlib
 import copy
@@ -68,7 +77,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from arjax import configs, sharding, tokenizers
 from arjax.models import layers
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "decode")
+
+# Datasheet dense peaks per chip, FLOP/s: (bfloat16, float32 as the model's default matmul
+# precision runs it: TF32 on NVIDIA, bf16 passes on TPU). Matched on jax's device_kind.
+# Sources: NVIDIA H100/H200 SXM and A100 datasheets (dense, no sparsity), Google Cloud TPU
+# system-architecture pages. A measured peak below these is the usual case.
+DATASHEET_PEAK_FLOPS = {
+    "H100": (989e12, 494e12),   # SXM; the PCIe card is lower (756 / 378), see _datasheet_peak
+    "H200": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),  # v5e
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),  # v6e (Trillium)
+}
 
 # The flow head's sinusoidal time-embedding size (`timestep_embedding(t, 256)` in
 # arjax/models/heads/flow.py): the input width of its first time-MLP layer.
@@ -260,6 +284,12 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
                 + _matmul(rows * (t - 1), d, w))
     evals = rows * t * head_evaluations(config)
     head = sum(_head_net(evals, d, w, h.width, h.depth, out_dim))
+  elif mode == "decode":
+    # One token step: the head samples a token from z, the backbone feeds it against the
+    # full static cache (every position attends to all P + T slots, masked).
+    rows = batch_size * (2 if is_guided(config) else 1)
+    backbone = (_backbone_blocks(rows, p + t, w, hidden, m.depth) + _matmul(rows, d, w))
+    head = sum(_head_net(rows * head_evaluations(config), d, w, h.width, h.depth, out_dim))
   else:
     raise ValueError(f"mode={mode!r}; known: {MODES}")
   return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
@@ -325,6 +355,18 @@ def measure_peak_flops(dtype, size: Optional[int] = None, repeats: int = 10) -> 
   return 2.0 * n * size ** 3 / best
 
 
+def datasheet_peak(device_kind: str, dtype: str) -> Optional[float]:
+  """Datasheet dense FLOP/s of one chip of `device_kind` for `dtype`, None where unknown (CPU)."""
+  if "PCIe" in device_kind and "H100" in device_kind:
+    return {"bfloat16": 756e12, "float32": 378e12}.get(dtype)
+  # Longest key first: "TPU v5 lite" must not match "TPU v5".
+  for key in sorted(DATASHEET_PEAK_FLOPS, key=len, reverse=True):
+    if key in device_kind:
+      bf16, f32 = DATASHEET_PEAK_FLOPS[key]
+      return {"bfloat16": bf16, "float32": f32}.get(dtype)
+  return None
+
+
 def _time_calls(call, *, warmup: int, repeats: int, profile_dir: Optional[str]):
   """Seconds of each of `repeats` device-synchronised calls, after `warmup` untimed ones."""
   for _ in range(warmup):
@@ -367,7 +409,7 @@ def _bench_train(exp, batch_size, warmup, repeats, profile_dir):
   # hits jit's cache) and compile_s is what a training run's first step costs.
   compiled_flops = xla_flops(step_fn.lower(state, batch).compile())
   times = _time_calls(call, warmup=warmup, repeats=repeats, profile_dir=profile_dir)
-  return compile_s, times, compiled_flops
+  return compile_s, times, compiled_flops, {}
 
 
 def _init_params(exp):
@@ -394,7 +436,77 @@ def _bench_sample(exp, batch_size, warmup, repeats, profile_dir):
   jax.block_until_ready(call())
   compile_s = time.perf_counter() - start
   times = _time_calls(call, warmup=warmup, repeats=repeats, profile_dir=profile_dir)
-  return compile_s, times, None
+  return compile_s, times, None, {}
+
+
+def decode_positions(num_tokens: int):
+  """The positions whose decode cost `--mode decode` reports: first, middle, last."""
+  return (0, num_tokens // 2, num_tokens - 1)
+
+
+def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
+  """One token step of the causal sampler (the head samples token i from z_i, the backbone
+  feeds it at position i against the KV cache) timed at the first, middle and last position.
+
+  The step is the body of `arjax.sampling.sample_tokens`'s scan, jitted alone with the cache
+  donated; the position is an argument, so one compilation serves every position. The cache
+  has its full static length at every position (masked attention over all of it), which is
+  what makes the cost flat; the test of that claim is this measurement.
+  """
+  from arjax.models.ar_model import ARModel
+  from arjax.sampling import head_with_solver, image_keys
+
+  config = exp.config  # the causal family: `run` refuses others
+  s = config.sample
+  params = _init_params(exp)
+  model, head = exp.model, head_with_solver(exp.head, s.solver)
+  guided = is_guided(config)
+  labels = jnp.arange(batch_size, dtype=jnp.int32) % config.data.num_classes
+  if guided:
+    labels = jnp.concatenate([labels, jnp.full_like(labels, model.backbone.num_classes)])
+  keys = image_keys(jax.random.PRNGKey(s.seed), jnp.arange(batch_size))
+  scale = jnp.float32(s.cfg_scale)
+
+  def prefill(params, labels):
+    cache = model.backbone.init_cache(labels.shape[0], jnp.float32)
+    return model.apply({"params": params}, labels, cache, method=ARModel.prefill)
+
+  def token_step(params, z, cache, position):
+    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+    net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=ARModel.head_net)
+    token = head.sample(net_fn, z, keys, cfg_scale=scale if guided else None,
+                        temperature=s.temperature, steps=s.num_steps,
+                        cfg_interval=tuple(s.cfg_interval))
+    fed = jnp.concatenate([token, token]) if guided else token
+    return apply(fed, position, cache, method=ARModel.decode_step)
+
+  step = jax.jit(token_step, donate_argnums=(2,))
+  z, cache = jax.jit(prefill)(params, labels)
+  positions = decode_positions(exp.tokenizer.num_tokens)
+
+  def call_at(position):
+    def call():
+      nonlocal z, cache
+      z, cache = step(params, z, cache, jnp.int32(position))
+      return z, cache
+    return call
+
+  start = time.perf_counter()
+  jax.block_until_ready(call_at(positions[0])())
+  compile_s = time.perf_counter() - start
+  per_position = []
+  trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+  with trace:
+    for position in positions:
+      per_position.append(_time_calls(call_at(position), warmup=warmup, repeats=repeats,
+                                      profile_dir=None))
+  medians = [statistics.median(t) for t in per_position]
+  extra = {"decode_positions": list(positions),
+           "decode_median_s": medians,
+           "decode_min_s": [min(t) for t in per_position],
+           "decode_max_s": [max(t) for t in per_position],
+           "decode_last_over_first": medians[-1] / medians[0]}
+  return compile_s, per_position[1], None, extra
 
 
 def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: int,
@@ -421,13 +533,19 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     config.train.global_batch_size = batch_size
   else:
     batch_size = batch_size or config.sample.batch_size
+  if mode == "decode" and config.model.family != "causal":
+    raise configs.ConfigError(
+        f"--mode=decode times the causal family's KV-cached token step; config.model.family="
+        f"{config.model.family!r} re-runs its encoder and decoder every iteration (bidirectional "
+        "attention keeps no KV cache): time it with --mode=sample")
   try:
     exp = Experiment(config)
   except configs.ConfigError as e:
     raise configs.ConfigError(f"{e} (the benchmark's batch: --batch={batch_size})") from e
 
-  measure = _bench_train if mode == "train" else _bench_sample
-  compile_s, times, compiled_flops = measure(exp, batch_size, warmup, repeats, profile_dir)
+  measure = {"train": _bench_train, "sample": _bench_sample, "decode": _bench_decode}[mode]
+  compile_s, times, compiled_flops, extra = measure(exp, batch_size, warmup, repeats,
+                                                    profile_dir)
   memory = peak_memory_bytes()  # before the peak matmuls below allocate their own
 
   median = statistics.median(times)
@@ -442,6 +560,10 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
   peak_dtype = config.model.dtype if peaks.get(config.model.dtype) else "float32"
   peak = peaks[peak_dtype]
   devices = jax.devices()
+  datasheet = datasheet_peak(devices[0].device_kind, config.model.dtype)
+  datasheet_all = None if datasheet is None else datasheet * len(devices)
+  # decode: a call is one token; an image is num_tokens of them.
+  images_per_s = batch_size / median / (num_tokens if mode == "decode" else 1)
   report = {
       "mode": mode,
       "config": config_name,
@@ -463,8 +585,8 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
       "min_s": min(times),
       "max_s": max(times),
       "times_s": times,
-      "images_per_s": batch_size / median,
-      "tokens_per_s": batch_size * num_tokens / median,
+      "images_per_s": images_per_s,
+      "tokens_per_s": images_per_s * num_tokens,
       "flops_per_call": flops["total"],
       "flops_backbone": flops["backbone"],
       "flops_head": flops["head"],
@@ -477,16 +599,20 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
       "peak_flops_per_s": peaks,
       "peak_dtype": peak_dtype,
       "mfu": None if not peak else achieved / peak,
+      "datasheet_peak_flops_per_s": datasheet_all,
+      "mfu_datasheet": None if datasheet_all is None else achieved / datasheet_all,
       "peak_memory_bytes": memory,
       "profile_dir": profile_dir,
   }
+  report.update(extra)
   if mode == "train":
     report["batch_mul"] = config.head.batch_mul
   else:
     s = config.sample
     report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
                   cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
-                  num_steps=s.num_steps, solver=s.solver, temperature=s.temperature,
+                  num_steps=s.num_steps,
+                  solver=None if config.head.name == "mar_diffusion" else s.solver, temperature=s.temperature,
                   head_evaluations=head_evaluations(config))
     if config.model.family == "mar":
       report.update(num_iter=s.num_iter, kept_buckets=s.kept_buckets)
@@ -533,8 +659,12 @@ def format_table(r: dict) -> str:
   xla = r["xla_flops_per_call"]
   xla_text = "" if xla is None else f", XLA {_si(xla, 'FLOP')} (x{xla / r['flops_per_call']:.3f})"
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}%"
-  what = (f"batch {r['batch_size']}" if r["mode"] == "train" else
-          f"batch {r['batch_size']}, {r['solver']} {r['num_steps']} steps, cfg {r['cfg_scale']}")
+  if r["mode"] == "train":
+    what = f"batch {r['batch_size']}"
+  else:
+    # The DDPM head's steps are its respacing; a solver only applies to the flow head's ODE.
+    solver = "DDPM" if r["solver"] is None else r["solver"]
+    what = f"batch {r['batch_size']}, {solver} {r['num_steps']} steps, cfg {r['cfg_scale']}"
   rows = [
       f"bench {r['mode']}  {r['config'] or ''}  {what}",
       f"  device      {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax_version']}",
@@ -547,4 +677,10 @@ def format_table(r: dict) -> str:
       f"{_si(r['peak_flops_per_s'][r['peak_dtype']], 'FLOP/s')} measured {r['peak_dtype']} peak",
       f"  peak memory {_si(r['peak_memory_bytes'], 'B')}",
   ]
+  if r["mfu_datasheet"] is not None:
+    rows.insert(-1, f"  datasheet   MFU {100 * r['mfu_datasheet']:.2f}% of "
+                    f"{_si(r['datasheet_peak_flops_per_s'], 'FLOP/s')} {r['compute_dtype']}")
+  if r["mode"] == "decode":
+    per = "  ".join(f"pos {p}: {_ms(t)}" for p, t in zip(r["decode_positions"], r["decode_median_s"]))
+    rows.append(f"  per token   {per}  (last/first {r['decode_last_over_first']:.3f})")
   return "\n".join(rows)

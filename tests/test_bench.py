@@ -21,12 +21,15 @@ COMMON_FIELDS = {
     "process_count", "mesh_shape", "compute_dtype", "batch_size", "num_tokens", "repeats", "warmup",
     "compile_s", "median_s", "min_s", "max_s", "times_s", "images_per_s", "tokens_per_s",
     "flops_per_call", "flops_backbone", "flops_head", "xla_flops_per_device", "xla_flops_per_call",
-    "achieved_flops_per_s", "peak_flops_per_s", "peak_dtype", "mfu", "peak_memory_bytes",
-    "profile_dir"}
+    "achieved_flops_per_s", "peak_flops_per_s", "peak_dtype", "mfu", "datasheet_peak_flops_per_s",
+    "mfu_datasheet", "peak_memory_bytes", "profile_dir"}
+SAMPLE_FIELDS = {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "num_steps", "solver",
+                 "temperature", "head_evaluations"}
 MODE_FIELDS = {
     "train": {"batch_mul"},
-    "sample": {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "num_steps", "solver",
-               "temperature", "head_evaluations"},
+    "sample": SAMPLE_FIELDS,
+    "decode": SAMPLE_FIELDS | {"decode_positions", "decode_median_s", "decode_min_s",
+                               "decode_max_s", "decode_last_over_first"},
 }
 
 
@@ -46,7 +49,9 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
 
   assert r["compile_s"] > 0 and len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
   assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
-  assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["median_s"])
+  # decode: a call is one token of the batch; an image takes num_tokens of them.
+  per_image_calls = 16 if mode == "decode" else 1
+  assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["median_s"] / per_image_calls)
   assert r["tokens_per_s"] == pytest.approx(16 * r["images_per_s"])
 
   assert r["flops_backbone"] > 0 and r["flops_head"] > 0
@@ -56,6 +61,7 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
   assert r["peak_flops_per_s"]["bfloat16"] is None  # not measured on CPU
   assert r["peak_dtype"] == "float32" and 0 < r["mfu"] < 1
   assert r["peak_memory_bytes"] is None  # CPU keeps no allocator stats
+  assert r["datasheet_peak_flops_per_s"] is None and r["mfu_datasheet"] is None  # no CPU sheet
   assert glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
 
   if mode == "train":
@@ -65,6 +71,49 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
     assert r["xla_flops_per_call"] is None
     assert r["guided"] is (config.sample.cfg_scale != 1.0)
     assert r["head_evaluations"] == 2 * config.sample.num_steps - 1
+  if mode == "decode":
+    assert r["decode_positions"] == [0, 8, 15]
+    assert r["decode_median_s"][1] == r["median_s"]  # the headline is the middle position
+    for low, mid, high in zip(r["decode_min_s"], r["decode_median_s"], r["decode_max_s"]):
+      assert 0 < low <= mid <= high
+    assert r["decode_last_over_first"] == pytest.approx(
+        r["decode_median_s"][2] / r["decode_median_s"][0])
+
+
+def test_decode_mode_is_refused_for_the_masked_family():
+  config = configs.load(str(REPO_ROOT / "configs/digits_mar.py:smoke"))
+  with pytest.raises(configs.ConfigError, match="mode=decode.*--mode=sample"):
+    bench.run(config, mode="decode", batch_size=None, repeats=1, warmup=0, profile_dir=None)
+
+
+def test_datasheet_peaks_match_device_kinds():
+  """jax's device_kind strings as the chips report them; unknown kinds (CPU) have none."""
+  assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "float32") == 494e12  # TF32
+  assert bench.datasheet_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert bench.datasheet_peak("TPU v5 lite", "bfloat16") == 197e12  # not v5p's 459
+  assert bench.datasheet_peak("TPU v5p", "bfloat16") == 459e12
+  assert bench.datasheet_peak("cpu", "float32") is None
+
+
+def test_analytic_decode_flops_match_the_compiled_token_step():
+  """One decode token step's FLOP model against the dots XLA compiles for the backbone's
+  KV-cached step (the head's evaluations run in a loop, counted by the train-step test)."""
+  import jax.numpy as jnp
+  from arjax.models.ar_model import ARModel
+  config = configs.load(SMOKE)
+  config.model.update(width=64, depth=2, num_heads=2, num_class_tokens=3)
+  config.sample.cfg_scale = 1.0
+  exp = train.Experiment(config, mesh=jax.sharding.Mesh(
+      np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES))
+  batch = 4
+  params = jax.eval_shape(exp.model.init, jax.random.PRNGKey(0), exp.example_tokens,
+                          exp.example_labels)
+  cache = exp.model.backbone.init_cache(batch)
+  step = jax.jit(lambda p, x, c: exp.model.apply(p, x, 5, c, method=ARModel.decode_step))
+  compiled = step.lower(params, jnp.zeros((batch, 4)), cache).compile()
+  flops = bench.analytic_flops(config, "decode", batch)
+  assert _hlo_dot_flops(compiled.as_text()) == flops["backbone"]
 
 
 def _hlo_dot_flops(hlo_text: str) -> int:
