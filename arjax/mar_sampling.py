@@ -17,9 +17,10 @@ Here the tokens predicted at step k are a contiguous slice of each row's order, 
 read with a fixed-size `dynamic_slice` of `slots` entries (the largest n_k), and slots past
 n_k are dropped when written back. The encoder, whose length MAR lets grow with the number
 of known tokens, is padded (`MarBackbone.encode`): the steps are split into `kept_buckets`
-consecutive segments, one scan each, padded to the segment's largest known count. One
-segment gives one scan whose encoder always holds all L tokens; more segments save the
-early steps' encoder work at the price of one more compiled scan body each.
+consecutive segments, one scan each, padded to the segment's largest known count and placed
+to waste the fewest encoder rows (`segments`). One segment gives one scan whose encoder
+always holds the last step's count; more segments save the early steps' encoder work at the
+price of one more compiled scan body each (kept_buckets = num_iter: no padding at all).
 
 Seeds. Image b of a call is image `first_index + b` of the request; its key is
 fold_in(rng, that index) (`arjax.sampling.image_keys`), split into an order key (its
@@ -104,20 +105,43 @@ def cfg_scales(schedule: MaskSchedule, cfg: float, cfg_schedule: str) -> np.ndar
 
 
 def segments(schedule: MaskSchedule, num_buckets: int):
-  """[(first step, end step, padded encoder size, head slots)] covering all steps in order."""
-  known = schedule.num_known_before
-  # The same near-equal split of [0, top] as the training buckets.
-  sizes = bucket_sizes(int(known[-1]), num_buckets)
-  out, start = [], 0
-  for size in sizes:
-    end = start
-    while end < len(known) and known[end] <= size:
-      end += 1
-    if end > start:
-      slots = max(1, int(schedule.num_pred[start:end].max()))
-      out.append((start, end, size, slots))
-    start = end
-  return out
+  """[(first step, end step, padded encoder size, head slots)] covering all steps in order.
+
+  At most `num_buckets` segments of consecutive steps, each padded to its largest known
+  count, placed to minimise the padded encoder rows summed over all steps (an exact dynamic
+  program over the K steps; ties: fewer padded head slots). The known count never
+  decreases from step to step, so a segment's size is its last step's count. The encoder's
+  cost per step is affine in its rows (buffer + size), so this also minimises its FLOPs.
+  """
+  known = [int(k) for k in schedule.num_known_before]
+  preds = [int(n) for n in schedule.num_pred]
+  steps = len(known)
+  buckets = max(1, min(num_buckets, steps))
+
+  def cost(i, j):  # steps i .. j-1 as one segment
+    return ((j - i) * known[j - 1], (j - i) * max(preds[i:j]))
+
+  inf = (float("inf"), float("inf"))
+  # best[m][j]: least cost of steps 0 .. j-1 in m segments; cut[m][j]: where the last begins.
+  best = [[inf] * (steps + 1) for _ in range(buckets + 1)]
+  cut = [[0] * (steps + 1) for _ in range(buckets + 1)]
+  best[0][0] = (0, 0)
+  for m in range(1, buckets + 1):
+    for j in range(1, steps + 1):
+      for i in range(m - 1, j):
+        if best[m - 1][i] == inf:
+          continue
+        c = cost(i, j)
+        total = (best[m - 1][i][0] + c[0], best[m - 1][i][1] + c[1])
+        if total < best[m][j]:
+          best[m][j], cut[m][j] = total, i
+  m = min(range(1, buckets + 1), key=lambda m: best[m][steps])
+  bounds, j = [], steps
+  while m > 0:
+    i = cut[m][j]
+    bounds.append((i, j))
+    j, m = i, m - 1
+  return [(i, j, known[j - 1], max(1, max(preds[i:j]))) for i, j in reversed(bounds)]
 
 
 def replay_noise(schedule: MaskSchedule, orders: np.ndarray, init_noise: Sequence[np.ndarray],
@@ -190,12 +214,12 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
       start, count, scale, step_index, step_noise = xs
       mask = ~known
       doubled = lambda a: jnp.concatenate([a, a]) if guided else a
-      z = apply(doubled(tokens), doubled(mask), all_labels, num_kept, drop,
-                method=MaskedARModel.condition)
       positions = jax.lax.dynamic_slice_in_dim(padded, start, slots, axis=1)  # [B, P]
       valid = jnp.arange(slots)[None, :] < count
       read = jnp.minimum(positions, length - 1)
-      z_slots = jnp.take_along_axis(z, doubled(read)[:, :, None], axis=1)
+      # z at the predicted positions only: the decoder's last block runs P query rows.
+      z_slots = apply(doubled(tokens), doubled(mask), all_labels, num_kept, drop, doubled(read),
+                      method=MaskedARModel.condition)
       z_slots = z_slots.reshape(rows * slots, -1)
       kwargs = dict(head_kwargs, cfg_scale=scale if guided else None)
       if step_noise is not None:

@@ -42,9 +42,10 @@ class MaskedARModel(nn.Module):
     b, t, d = tokens.shape
     return self.head(tokens.reshape(b * t, d), jnp.zeros((b * t,)), z.reshape(b * t, -1))
 
-  def condition(self, tokens, mask, labels, num_kept: int, drop_labels=None):
-    """z [B, L, W] for tokens [B, L, D] with `mask` (True = masked); see MarBackbone."""
-    return self.backbone(tokens, mask, labels, num_kept, drop_labels)
+  def condition(self, tokens, mask, labels, num_kept: int, drop_labels=None, positions=None):
+    """z [B, L, W] for tokens [B, L, D] with `mask` (True = masked), or z [B, P, W] at
+    `positions` [B, P] only; see MarBackbone."""
+    return self.backbone(tokens, mask, labels, num_kept, drop_labels, positions)
 
   def head_net(self, x_t, t, z):
     return self.head(x_t, t, z)

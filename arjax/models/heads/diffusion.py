@@ -342,13 +342,14 @@ class MarDiffusion:
     def step(x, j):
       i = num_steps - 1 - j
       t = jnp.full((n,), i)
+      # One timestep for all rows: passed as a scalar, the net embeds it once, not per row.
       if guided:
-        out = net_fn(jnp.concatenate([x, x]), jnp.concatenate([timestep_map[t]] * 2), z)
+        out = net_fn(jnp.concatenate([x, x]), timestep_map[i], z)
         t_frac = timestep_map[i] / (self.num_timesteps - 1)
         scale = jnp.where((t_frac >= lo) & (t_frac <= hi), cfg_scale, 1.0)
         model_output = guided_output(out, scale, c)[:n]
       else:
-        model_output = net_fn(x, timestep_map[t], z)
+        model_output = net_fn(x, timestep_map[i], z)
       out = p_mean_variance(sched, model_output, x, t)
       eps_draw = (noise_draws.normal(noise_draws.fold_in(step_rng, j), n, (c,))
                   if step_noise is None else step_noise[j])

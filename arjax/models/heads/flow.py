@@ -31,7 +31,8 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as diffusion heads do)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+  # A scalar t (one time for every row) embeds as one row, broadcast by the caller.
+  args = (1000.0 * jnp.reshape(t, (-1,)).astype(jnp.float32))[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -59,7 +60,11 @@ class _ResBlock(nn.Module):
 
 
 class FlowHeadNet(nn.Module):
-  """v = net(x_t [N, D], t [N], z [N, W])."""
+  """v = net(x_t [N, D], t [N], z [N, W]).
+
+  t may be a scalar shared by all rows, as in sampling, where every row of an ODE step has
+  the same t: the time MLP then runs on one row instead of N (the numbers are the same).
+  """
   token_dim: int
   width: int
   depth: int
@@ -154,7 +159,7 @@ class FlowMatching:
 
     def velocity(x, t):
       xx = jnp.concatenate([x, x]) if guided else x
-      v = net_fn(xx, jnp.full((xx.shape[0],), t), z)
+      v = net_fn(xx, t, z)  # scalar t: the time MLP runs once per evaluation, not per row
       if not guided:
         return v
       v_cond, v_uncond = jnp.split(v, 2)

@@ -37,7 +37,8 @@ def mar_timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
   """
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  # A scalar t (one timestep for every row) embeds as one row, broadcast by the caller.
+  args = jnp.reshape(t, (-1,)).astype(jnp.float32)[:, None] * freqs[None]
   embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:
     embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
@@ -114,7 +115,8 @@ class MarMLPAdaLN(nn.Module):
   """`SimpleMLPAdaLN(in_channels, model_channels, out_channels, z_channels, num_res_blocks)`.
 
   `__call__(x_t [N, C], t [N] (0..999 timestep, int or float), c [N, z_channels])`
-  -> [N, 2C] if `learn_sigma` else [N, C], float32.
+  -> [N, 2C] if `learn_sigma` else [N, C], float32. t may be a scalar shared by every row (a
+  sampling step): the time embedder then runs on one row, broadcast, with the same numbers.
   """
   in_channels: int             # C, MAR's token_embed_dim
   model_channels: int          # MAR's diffloss_w
