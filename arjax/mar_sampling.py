@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.models.heads import noise as noise_draws
-from arjax.models.masked_ar import MaskedARModel, bucket_sizes, random_orders
+from arjax.models.masked_ar import MaskedARModel, random_orders
 from arjax.sampling import check_num_steps, check_request, head_with_solver, image_keys
 
 
