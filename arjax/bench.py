@@ -174,18 +174,29 @@ def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, mask_ratio_s
   return float(np.sum(weights * f_kept) / np.sum(weights))
 
 
-def mar_backbone_flops(config, num_tokens: int, token_dim: int, rows: int, known: int) -> int:
+def mar_backbone_flops(config, num_tokens: int, token_dim: int, rows: int, known: int,
+                       queries: Optional[int] = None) -> int:
   """One MAR encoder + decoder forward on `rows` images with `known` unmasked tokens each:
   z_proj on all L tokens, encoder over buffer + known rows, decoder_embed, decoder over
-  buffer + L rows."""
+  buffer + L rows. With `queries` (z wanted at that many positions per image, as the
+  sampler asks) the last decoder block projects keys and values of all rows but runs the
+  query projection, attention, output projection and MLP on `queries` rows only."""
   m = config.model
   we, wd, buf = m.encoder_width, m.decoder_width, m.buffer_size
   n = buf + known
-  return (_matmul(rows * num_tokens, token_dim, we)
-          + _vit_blocks(rows * n, n, we, m.mlp_ratio, m.encoder_depth)
-          + _matmul(rows * n, we, wd)
-          + _vit_blocks(rows * (buf + num_tokens), buf + num_tokens, wd, m.mlp_ratio,
-                        m.decoder_depth))
+  seq = buf + num_tokens
+  full_decoder = m.decoder_depth if queries is None else m.decoder_depth - 1
+  flops = (_matmul(rows * num_tokens, token_dim, we)
+           + _vit_blocks(rows * n, n, we, m.mlp_ratio, m.encoder_depth)
+           + _matmul(rows * n, we, wd)
+           + _vit_blocks(rows * seq, seq, wd, m.mlp_ratio, full_decoder))
+  if queries is not None:
+    hidden = int(wd * m.mlp_ratio)
+    q = rows * queries
+    flops += (2 * _matmul(rows * seq, wd, wd)                        # keys, values
+              + 2 * _matmul(q, wd, wd) + 2 * _matmul(q, wd, seq)      # query, proj; attention
+              + 2 * _matmul(q, wd, hidden))                           # fc1, fc2
+  return flops
 
 
 def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
@@ -197,7 +208,9 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
     token and weights the masked ones). Backward as for the causal family; z_proj's and
     the head's data-fed layers get 1x.
   sample: per step k, with B' rows (2B under CFG), the encoder over buffer + known_k,
-    decoder over buffer + L, the head on B' x num_pred_k tokens x head evaluations.
+    decoder over buffer + L (its last block's queries on the num_pred_k predicted tokens
+    only, as the sampler runs it), the head on B' x num_pred_k tokens x head evaluations.
+    Unpadded counts: the sampler's padding to segment sizes is waste, not model FLOPs.
   """
   from arjax import mar_sampling  # the schedule the sampler really runs
 
@@ -219,7 +232,8 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
   else:
     schedule = mar_sampling.mask_schedule(length, config.sample.num_iter)
     rows = batch_size * (2 if is_guided(config) else 1)
-    backbone = sum(forward(rows, known) for known in schedule.num_known_before)
+    backbone = sum(mar_backbone_flops(config, length, d, rows, int(known), int(pred))
+                   for known, pred in zip(schedule.num_known_before, schedule.num_pred))
     evals = rows * length * head_evaluations(config)  # every token is predicted once
     head = sum(_head_net(evals, d, wd, h.width, h.depth, out_dim))
   return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
