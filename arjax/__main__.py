@@ -161,5 +161,24 @@ def _run(command, config, workdir):
       print(f"report: {path}")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, except that an override naming no config field (`--config.model.dept=3`)
+  ends in one line naming it and the nearest field, not in ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if config_arg is None:
+      raise
+    from arjax import configs
+    config = configs.load(config_arg)
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        problem = configs.unknown_override(config, arg[len("--config."):].split("=", 1)[0])
+        if problem:
+          sys.exit(f"error: {problem}")
+    raise e
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

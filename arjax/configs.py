@@ -4,6 +4,7 @@ The schema lists each field with its type; a key the schema does not know (a
 typo such as `model.dept`) or a value of the wrong type or range fails with the
 field's dotted name. Config *files* live in `configs/`; this module only judges them.
 """
+import difflib
 import importlib.util
 import os
 from typing import Any, Callable, Dict, Tuple
@@ -198,8 +199,7 @@ def validate(config) -> None:
   flat = dict(_flatten(config))
   for name in flat:
     if name not in schema:
-      raise ConfigError(f"config.{name}: unknown key (known keys of that section: "
-                        f"{sorted(k for k in schema if k.rsplit('.', 1)[0] == name.rsplit('.', 1)[0])})")
+      raise ConfigError(f"config.{name}: unknown key" + _did_you_mean(name, schema))
   for name, rule in schema.items():
     if name not in flat:
       raise ConfigError(f"config.{name}: missing")
@@ -221,6 +221,34 @@ def validate(config) -> None:
   for i, rule in enumerate(config.sharding.rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"config.sharding.rules[{i}]={rule!r}: expected (logical_name, mesh_axes)")
+
+
+def _did_you_mean(name: str, known) -> str:
+  """' (did you mean config.X?); known keys of that section: [...]' for a dotted `name`."""
+  section = name.rsplit(".", 1)[0] if "." in name else ""
+  siblings = sorted(k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
+  close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+  hint = f" (did you mean config.{close[0]}?)" if close else ""
+  return f"{hint}; known keys of that section: {siblings}"
+
+
+def unknown_override(config, path: str) -> str:
+  """Why `--config.<path>=...` names no field of `config`, with the nearest field; '' if it does."""
+  node, walked = config, []
+  for part in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      fields = ([f"{'.'.join(walked + [k])}" for k in node]
+                if isinstance(node, (ml_collections.ConfigDict, dict)) else [])
+      where = "config." + ".".join(walked) if walked else "config"
+      if not fields:
+        return f"--config.{path}: {where} is a value, not a section"
+      close = difflib.get_close_matches(".".join(walked + [part]), fields, n=1, cutoff=0.6)
+      hint = f"; did you mean --config.{close[0]}?" if close else ""
+      return (f"--config.{path}: {where} has no field {part!r}{hint} (its fields: "
+              f"{', '.join(sorted(str(k) for k in node))})")
+    node = node[part]
+    walked.append(part)
+  return ""
 
 
 def _validate_vae(config) -> None:

@@ -50,6 +50,7 @@ import numpy as np
 import scipy.linalg
 
 from arjax import feature_classifier as feature_classifier_lib
+from arjax import progress as progress_lib
 
 # Rows of the report, in order.
 METRICS = ("frechet_distance", "precision", "recall", "class_consistency",
@@ -377,7 +378,7 @@ def evaluate(samples: np.ndarray, sample_labels: np.ndarray, *,
              train_images: np.ndarray, train_labels: np.ndarray,
              eval_images: np.ndarray, eval_labels: np.ndarray,
              cache_dir: str, name: str, seed: int = 0, k: int = 3,
-             num_subsets: int = 10) -> dict[str, Any]:
+             num_subsets: int = 10, progress: bool = False) -> dict[str, Any]:
   """Scores `samples` and the two reference points; see the module docstring.
 
   Args:
@@ -394,6 +395,7 @@ def evaluate(samples: np.ndarray, sample_labels: np.ndarray, *,
       can be cached.
     k: precision/recall neighbour rank.
     num_subsets: subsamples averaged over for size-mismatched FD / P&R.
+    progress: report the stages (classifier, then each candidate) as they finish.
 
   Returns:
     {"model": {...}, "real_heldout": {...}, "gaussian": {...}, plus counts
@@ -419,8 +421,10 @@ def evaluate(samples: np.ndarray, sample_labels: np.ndarray, *,
     raise ValueError(f"eval_images must hold at least {2 * (k + 1)} images "
                      f"(two halves of more than k={k}), got {len(eval_images)}")
 
+  report = progress_lib.bar(1 + len(CANDIDATES), desc="eval", unit="stage", enabled=progress)
   classifier = feature_classifier_lib.load_or_train(
       cache_dir, train_images, train_labels, name=name)
+  report.update(1)
 
   reference_idx, real_idx = split_heldout(eval_labels, seed=seed)
   reference_feats = classifier.features(eval_images[reference_idx])
@@ -459,6 +463,8 @@ def evaluate(samples: np.ndarray, sample_labels: np.ndarray, *,
         "class_consistency": class_consistency(classifier, images, labels),
         "memorization": memorization(images, train_images),
     }
+    report.update(1)
+  report.close()
   return result
 
 

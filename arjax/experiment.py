@@ -25,10 +25,16 @@ class Experiment:
     self.example_tokens = jnp.zeros((1, self.tokenizer.num_tokens, self.tokenizer.token_dim))
     self.example_labels = jnp.zeros((1,), jnp.int32)
     batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if config.train.global_batch_size % batch_devices:
+    batch = config.train.global_batch_size
+    if batch % batch_devices:
+      nearest = [b for b in (batch // batch_devices * batch_devices,
+                             -(-batch // batch_devices) * batch_devices) if b > 0]
       raise configs.ConfigError(
-          f"config.train.global_batch_size={config.train.global_batch_size} must be divisible by "
-          f"the {batch_devices} devices of the mesh's batch axes (data x fsdp)")
+          f"config.train.global_batch_size={batch} must be divisible by the {batch_devices} "
+          f"devices of the mesh's batch axes (data x fsdp of config.mesh.shape="
+          f"{tuple(config.mesh.shape)}): set --config.train.global_batch_size to a multiple of "
+          f"{batch_devices} (nearest: {' or '.join(map(str, nearest))}), or choose a "
+          f"config.mesh.shape whose data x fsdp divides {batch}")
 
   def init_state(self):
     return train_state.create(self.model, self.optimizer, self.example_tokens, self.example_labels,

@@ -3,9 +3,9 @@ import os
 
 import jax
 import numpy as np
-import tqdm
 
-from arjax import checkpoint, configs, sharding
+from arjax import checkpoint, configs, sharding, summary
+from arjax import progress as progress_lib
 from arjax.data import pipeline
 from arjax.image_grid import save_class_grid
 
@@ -50,7 +50,7 @@ def sample_images(exp, params, labels: np.ndarray, *, progress: bool = True) -> 
   rng = jax.random.PRNGKey(s.seed)
   out = []
   starts = range(0, len(labels), s.batch_size)
-  for start in tqdm.tqdm(starts, desc="sample", disable=not progress):
+  for start in progress_lib.iterate(starts, desc="sample", unit="batch", enabled=progress):
     chunk = labels[start:start + s.batch_size]
     padded = np.resize(chunk, s.batch_size)  # one compiled shape for every batch
     images = sampler(params, padded, rng, first_index=start, cfg_scale=s.cfg_scale,
@@ -63,6 +63,9 @@ def run(exp, workdir: str) -> dict:
   s, d = exp.config.sample, exp.config.data
   labels = parse_labels(s.labels, s.num_images, d.num_classes)
   params, step = restore_params(exp, workdir, s.use_ema)
+  if jax.process_index() == 0:
+    print(summary.sampling(exp.config, exp.mesh, workdir, step=step, num_images=len(labels)),
+          flush=True)
   images = sample_images(exp, params, labels, progress=jax.process_index() == 0)
   npz, png = os.path.join(workdir, "samples.npz"), os.path.join(workdir, "samples.png")
   if jax.process_index() == 0:  # every process holds all images; one writes them

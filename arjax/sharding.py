@@ -38,7 +38,8 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ConfigError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"{num_devices} are present")
+                     f"{num_devices} are present: give one axis -1 to take the devices there "
+                     f"are, e.g. --config.mesh.shape='(-1,1,1)' (all data parallel)")
   return tuple(shape)
 
 

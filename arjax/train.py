@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
-from arjax import checkpoint, sharding, train_state
+from arjax import checkpoint, progress, sharding, summary, train_state
 from arjax.preemption import PreemptionNotice
 from arjax.workdir import check_free_space, check_workdir
 from arjax.data import latents, pipeline
@@ -110,9 +110,13 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
                                  save_every=c.train.checkpoint_every)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(abstract, data_iter)
-    _say(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
+    resumed = int(state.step)
   else:
     state, shardings = exp.init_state()
+    resumed = None
+  _say(summary.training(c, exp.mesh, workdir, num_params=summary.count_parameters(abstract.params),
+                        num_examples=summary.num_examples(c), resume_step=resumed,
+                        checkpoints=ckpt.directory))
   step_fn = exp.jit_step(shardings)
   start = int(jax.device_get(state.step))
   end = c.train.num_steps if stop_after is None else min(c.train.num_steps, start + stop_after)
@@ -122,8 +126,10 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   sampler = exp.sampler() if c.train.sample_every else None
-  bar = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", disable=not is_chief,
-                  dynamic_ncols=True, mininterval=1.0)
+  # A terminal gets a bar, a log file a line every 30 s (arjax/progress.py); the loss and rates
+  # shown are those fetched at log steps below, so reporting adds no device sync.
+  bar = progress.bar(c.train.num_steps, initial=start, desc="train", unit="step",
+                     enabled=is_chief)
   last_time, last_step = time.perf_counter(), start
   preempted = False
   for step in range(start, end):
@@ -139,7 +145,8 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
       now = time.perf_counter()
       images_per_s = (done - last_step) * c.train.global_batch_size / max(now - last_time, 1e-9)
       last_time, last_step = now, done
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+      # The bar's own rate gives steps/s; these two are the figures synced at this step.
+      bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "img/s": f"{images_per_s:.0f}"})
       if writer is not None:
         for k, v in metrics.items():
           writer.add_scalar(f"train/{k}", float(v), done)

@@ -221,9 +221,7 @@ def cache_latents(config, out_dir: str, *, split: Optional[str] = None,
   """
   import jax
   from jax.sharding import Mesh
-  import tqdm
-
-  from arjax import configs, tokenizers
+  from arjax import configs, progress as progress_lib, tokenizers
   from arjax.tokenizers import kl_vae
 
   configs.validate(config)
@@ -259,7 +257,7 @@ def cache_latents(config, out_dir: str, *, split: Optional[str] = None,
   from array_record.python.array_record_module import ArrayRecordWriter
 
   written, writer = 0, None
-  bar = tqdm.tqdm(total=num_examples, desc=f"cache {split}", disable=not progress)
+  bar = progress_lib.bar(num_examples, desc=f"cache {split}", unit="image", enabled=progress)
   for batch in batches:
     images, labels = batch["image"], batch["label"]
     n = len(images)

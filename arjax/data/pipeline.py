@@ -47,6 +47,8 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import sys
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
@@ -99,15 +101,42 @@ def prepare(name: str, data_dir: Optional[str]) -> None:
   if name in _BUILDERS:
     os.makedirs(root, exist_ok=True)
     with _exclusive_lock(os.path.join(root, f".{name}.prepare.lock")):
-      _BUILDERS[name](data_dir=root).download_and_prepare(file_format="array_record")
+      builder = _BUILDERS[name](data_dir=root)
+      if not builder.is_prepared():
+        _build(builder, name, root)
     return
   _prepared_builder(name, root)
+
+
+def _build(builder: tfds.core.DatasetBuilder, name: str, root: str) -> None:
+  """Prepares `builder` as ArrayRecord, reporting it: TFDS's own bars on a terminal, and in a
+  log file (where their carriage returns would garble it) one line before and one after."""
+  import jax
+  from arjax import progress
+
+  report = jax.process_index() == 0
+  bars = report and progress.mode() == "bar"
+  start = time.perf_counter()
+  if report:
+    print(f"preparing TFDS dataset {name!r} in {root} from data bundled with a dependency "
+          "(once; later runs reuse it)", file=sys.stderr, flush=True)
+  tfds.display_progress_bar(bars)
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  finally:
+    tfds.display_progress_bar(True)
+  if report:
+    splits = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+    print(f"prepared {name!r} ({splits} examples) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def _prepared_builder(name: str, root: str) -> tfds.core.DatasetBuilder:
   """The builder of `name` in `root`, or an error explaining how to prepare it."""
   how = (f"arjax never downloads datasets; prepare it yourself, e.g.\n"
-         f"  tfds build {name} --file_format=array_record --data_dir={root}")
+         f"  tfds build {name} --file_format=array_record --data_dir={root}\n"
+         f"or, if it is prepared in another directory, point arjax there with "
+         f"--config.data.data_dir=DIR or ${DATA_DIR_ENV}=DIR (now {root})")
   try:
     builder = tfds.builder(name, data_dir=root, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:

@@ -3,7 +3,7 @@
 Every parameter is created through `nn.with_logical_partitioning`, so the one
 rules table in the config (see `arjax.sharding`) decides how it is sharded.
 
-Choices (documented in the README's model section):
+Choices (documented in docs/model.md, "The causal model"):
   * pre-norm blocks with RMSNorm: no mean subtraction, one parameter vector,
     the norm of LLaMA-style decoders; cheaper than LayerNorm and as stable here.
   * SwiGLU MLP (Shazeer 2020): gated MLPs train faster per FLOP than GELU MLPs
