@@ -130,6 +130,27 @@ def test_requests_of_one_shape_reuse_one_compiled_sampler(server):
   assert again["image"] == first["image"] and again["image"] != second["image"]
 
 
+def test_the_grid_is_what_sample_draws(server, smoke_run):
+  # Same checkpoint (EMA), same sampler, same seeds: image i of the grid is image i of
+  # `python -m arjax sample` for that class.
+  from arjax import generate, serve
+  from arjax.experiment import Experiment
+
+  _, workdir, _ = smoke_run
+  config = serve.workdir_config(workdir)
+  config.sample.update(seed=7, cfg_scale=2.0, cfg_schedule="constant", temperature=0.9,
+                       num_images=16, batch_size=16, labels="3")
+  exp = Experiment(config)
+  params, _ = generate.restore_params(exp, workdir, use_ema=True)
+  drawn = generate.sample_images(exp, params, generate.parse_labels("3", 16, 10), progress=False)
+
+  status, reply, _ = post(server, {"label": 3, "seed": 7, "cfg_scale": 2, "temperature": 0.9,
+                                   "cfg_schedule": "constant"})
+  assert status == 200
+  expected = np.asarray(Image.open(io.BytesIO(serve.grid_png(drawn))))
+  np.testing.assert_array_equal(png_pixels(reply["image"]), expected)
+
+
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                     reason="Chromium is not installed (Debian: apt-get install chromium "
                     "chromium-driver; `make test` installs them when it runs as root)")
