@@ -303,10 +303,11 @@ def run(exp, workdir: str, *, host: str = "127.0.0.1", port: int = 8000,
   server.daemon_threads = True
   try:
     # The default request compiles here, so that the page's first click is fast.
+    print(f"step {model.step} of {os.path.abspath(workdir)} restored; compiling the sampler "
+          "for the config's default request...", flush=True)
     warm = model.generate(model.parse({}))
     host_name, port_number = server.server_address[:2]
-    print(f"step {model.step} of {os.path.abspath(workdir)}; sampler compiled in "
-          f"{warm['sampling_seconds']:.1f} s\n"
+    print(f"sampler compiled in {warm['sampling_seconds']:.1f} s\n"
           f"arjax demo page: http://{host_name}:{port_number}/  (Ctrl-C stops)", flush=True)
     server.serve_forever()
   except KeyboardInterrupt:
