@@ -24,6 +24,12 @@ imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) int
 prints the config's parameters, FLOPs per train step and per sampled image, and memory per
 device on its mesh, without compiling anything (see `arjax.describe`).
 
+    python -m arjax serve --workdir=DIR [--config=configs/X.py] [--port=8000] [--host=127.0.0.1]
+
+serves a demo page on http://HOST:PORT/ (class, CFG, temperature, steps, seed -> a sample grid
+and its sampling time) from DIR's newest checkpoint; the config defaults to DIR/config.json
+(see `arjax.serve`).
+
 Multi-host (train, sample, eval; see `arjax.distributed`): every process of the job runs the
 same command, plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
 ARJAX_* environment variables); on TPU pods and under SLURM `srun` the three are detected.
@@ -39,7 +45,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe")
+COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -67,6 +73,10 @@ _KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source 
                           "default: detected from its parameter names.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "
                                     "-1 in config.mesh.shape; default jax.device_count().")
+# serve only.
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on (loopback: "
+                            "this machine only).")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on; 0 = any free one.")
 
 # Multi-host: all three or none (then ARJAX_* env, then TPU-pod / SLURM auto-detection).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of "
@@ -93,6 +103,9 @@ def main(argv):
     if _CONFIG.value is None or (_OUT.value is None and _CONFIG.value.data.get("latents") is None):
       raise app.UsageError("cache_latents: --config and --out=DIR (or config.data.latents) "
                            "are required")
+  elif argv[1] == "serve":
+    if _WORKDIR.value is None:
+      raise app.UsageError("serve: --workdir is required")
   elif _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
@@ -103,6 +116,9 @@ def main(argv):
   from arjax import distributed
 
   try:
+    if command == "serve" and config is None:  # the config the workdir was trained with
+      from arjax import serve
+      config = serve.workdir_config(workdir)
     configs.validate(config)
     coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     distributed.initialize(coords)
@@ -137,6 +153,9 @@ def _run(command, config, workdir):
     print(f"{meta['num_examples']} {meta['split']!r} images (and their flips) of "
           f"{meta['dataset']!r} cached in {out}\n"
           f"train on them: --config.data.latents={out}")
+  elif command == "serve":
+    from arjax import serve
+    serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value)
   elif command == "describe":
     from arjax import describe
     print(describe.format_table(config, describe.describe(config, _NUM_DEVICES.value),
