@@ -135,12 +135,13 @@ def _run(command, config, workdir):
   if command == "train":
     from arjax import train
     state = train.train_and_evaluate(config, workdir)
-    print(f"trained to step {int(jax.device_get(state.step))}; checkpoints in {workdir}/checkpoints")
+    print(f"trained to step {int(jax.device_get(state.step))}; checkpoints in {workdir}/checkpoints"
+          f"; curves {workdir}/train_curves.png")
   elif command == "sample":
     from arjax import generate
     result = generate.run(Experiment(config), workdir)
     print(f"{result['num_images']} samples from step {result['step']}: {result['npz']}\n"
-          f"grid: {result['png']}")
+          f"grid: {result['png']}\nlabelled grid: {result['labelled_png']}")
   elif command == "eval":
     from arjax import evaluate_cli
     report = evaluate_cli.run(config, workdir)

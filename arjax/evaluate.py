@@ -302,15 +302,46 @@ def memorization(sample_images: np.ndarray, train_images: np.ndarray, *,
   train = train_images.reshape(len(train_images), -1).astype(np.float64)
 
   train_nn = _kth_neighbour_radii(train, 1)
-  nearest = np.empty(len(samples), np.int64)
-  nearest_distance = np.empty(len(samples))
-  for start in range(0, len(samples), _DISTANCE_CHUNK):
-    d = _pairwise_distances(samples[start:start + _DISTANCE_CHUNK], train)
-    nearest[start:start + len(d)] = np.argmin(d, axis=1)
-    nearest_distance[start:start + len(d)] = np.min(d, axis=1)
+  nearest, nearest_distance = (a[:, 0] for a in nearest_neighbours(samples, train, 1))
   copied = ((nearest_distance < ratio * train_nn[nearest])
             | (nearest_distance == 0))
   return float(copied.mean())
+
+
+def nearest_neighbours(queries: np.ndarray, references: np.ndarray,
+                       k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Each query's k nearest references by Euclidean distance, nearest first.
+
+  Rows are flattened, so images [N, H, W, C] compare in pixel space (as
+  `memorization` does) and features [N, F] in feature space.
+
+  Returns:
+    (indices int64 [N, k] into `references`, distances float64 [N, k]). For
+    k = 1 a tie goes to the lowest index; for k > 1 ties at the k-th place
+    are broken arbitrarily.
+  """
+  queries = np.asarray(queries).reshape(len(queries), -1)
+  references = np.asarray(references).reshape(len(references), -1)
+  if queries.shape[1] != references.shape[1]:
+    raise ValueError(f"queries and references differ in size per row: "
+                     f"{queries.shape[1]} vs {references.shape[1]}")
+  if not 1 <= k <= len(references):
+    raise ValueError(f"k must lie in [1, {len(references)}] (the number of "
+                     f"references), got {k}")
+  indices = np.empty((len(queries), k), np.int64)
+  distances = np.empty((len(queries), k))
+  for start in range(0, len(queries), _DISTANCE_CHUNK):
+    d = _pairwise_distances(queries[start:start + _DISTANCE_CHUNK], references)
+    rows = np.arange(len(d))[:, None]
+    if k == 1:
+      nearest = np.argmin(d, axis=1)[:, None]
+    else:
+      nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+      nearest = np.take_along_axis(
+          nearest, np.argsort(d[rows, nearest], axis=1, kind="stable"), axis=1)
+    indices[start:start + len(d)] = nearest
+    distances[start:start + len(d)] = d[rows, nearest]
+  return indices, distances
 
 
 # ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from arjax import evaluate, summary
+from arjax import evaluate, plots, summary
 from arjax.data import pipeline
 
 
@@ -38,6 +38,8 @@ def run(config, workdir: str) -> str:
       progress=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(metrics, f, indent=2, default=float)
+  report = plots.write_eval_report(workdir, metrics, images, labels, train_images)
   return (evaluate.format_report(metrics)
           + f"\nmetrics: {os.path.join(workdir, 'eval.json')}"
-          + f"\nsample grid: {os.path.join(workdir, 'samples.png')}")
+          + f"\nsample grid: {os.path.join(workdir, 'samples.png')}"
+          + f"\nreport: {report['html']} (panels {report['grid']}, {report['neighbours']})")

@@ -4,7 +4,7 @@ import os
 import jax
 import numpy as np
 
-from arjax import checkpoint, configs, sharding, summary
+from arjax import checkpoint, configs, plots, sharding, summary
 from arjax import progress as progress_lib
 from arjax.data import pipeline
 from arjax.image_grid import save_class_grid
@@ -68,7 +68,10 @@ def run(exp, workdir: str) -> dict:
           flush=True)
   images = sample_images(exp, params, labels, progress=jax.process_index() == 0)
   npz, png = os.path.join(workdir, "samples.npz"), os.path.join(workdir, "samples.png")
+  labelled = os.path.join(workdir, "samples_labelled.png")
   if jax.process_index() == 0:  # every process holds all images; one writes them
     np.savez(npz, images=images, labels=labels.astype(np.int64))
     png = save_class_grid(png, images, labels)
-  return {"npz": npz, "png": png, "step": step, "num_images": len(images)}
+    plots.write_atomic(labelled, plots.class_grid_png(images, labels))
+  return {"npz": npz, "png": png, "labelled_png": labelled, "step": step,
+          "num_images": len(images)}

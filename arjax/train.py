@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
-from arjax import checkpoint, progress, sharding, summary, train_state
+from arjax import checkpoint, plots, progress, sharding, summary, train_state
 from arjax.preemption import PreemptionNotice
 from arjax.workdir import check_free_space, check_workdir
 from arjax.data import latents, pipeline
@@ -121,10 +121,11 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
   start = int(jax.device_get(state.step))
   end = c.train.num_steps if stop_after is None else min(c.train.num_steps, start + stop_after)
 
-  writer = None
+  writer = curves = None
   if is_chief:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    curves = plots.TrainingCurves(workdir, resume_step=start)
   sampler = exp.sampler() if c.train.sample_every else None
   # A terminal gets a bar, a log file a line every 30 s (arjax/progress.py); the loss and rates
   # shown are those fetched at log steps below, so reporting adds no device sync.
@@ -151,6 +152,9 @@ def _train_and_evaluate(config, workdir: str, stop_after, mesh, preemption: Pree
         for k, v in metrics.items():
           writer.add_scalar(f"train/{k}", float(v), done)
         writer.add_scalar("train/images_per_second", images_per_s, done)
+        curves.add(done, {**metrics, "images_per_second": images_per_s})
+        if will_save or curves.due():  # always with a checkpoint and at the end
+          curves.draw()
     bar.update(1)
     if sampler is not None and (done % c.train.sample_every == 0 or done == c.train.num_steps):
       path = _write_grid(exp, sampler, state.ema_params, done, workdir)

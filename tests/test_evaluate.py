@@ -192,6 +192,20 @@ def test_heldout_images_score_the_novel_draw_baseline(digits):
   assert ev.memorization(digits["eval_images"], digits["train_images"], ratio=0.5) < 0.01
 
 
+def test_nearest_neighbours_are_the_brute_force_minimum_over_the_training_set():
+  rng = np.random.default_rng(1)
+  train = rng.integers(0, 256, (30, 4, 4, 1), np.uint8)
+  queries = np.concatenate([rng.integers(0, 256, (6, 4, 4, 1), np.uint8), train[[7]]])  # a copy
+  indices, distances = ev.nearest_neighbours(queries, train, k=3)
+  for q, query in enumerate(queries.astype(np.float64)):
+    brute = [np.sqrt(((query - t.astype(np.float64)) ** 2).sum()) for t in train]
+    np.testing.assert_allclose(distances[q], np.sort(brute)[:3], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(brute)[indices[q]], distances[q], rtol=1e-9)
+  assert indices[-1, 0] == 7 and distances[-1, 0] == 0
+  with pytest.raises(ValueError, match=r"k must lie in \[1, 30\]"):
+    ev.nearest_neighbours(queries, train, k=31)
+
+
 # --- Classifier --------------------------------------------------------------
 
 

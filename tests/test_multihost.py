@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from arjax import checkpoint, configs, distributed, train
+from arjax import checkpoint, configs, distributed, plots, train
 from arjax.experiment import Experiment
 from tests.conftest import REPO_ROOT
 
@@ -89,9 +89,13 @@ def two_process_workdir(data_dir, tmp_path_factory):
 def test_two_processes_train_like_one(two_process_workdir, data_dir, tmp_path):
   workdir, outputs = two_process_workdir
   assert f"trained to step {STEPS}" in outputs[0]
-  # Only process 0 writes the config and TensorBoard; both took part in the checkpoints.
+  # Only process 0 writes the config, TensorBoard and the curves; both took part in the
+  # checkpoints.
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+  records = plots.read_records(os.path.join(workdir, "train_metrics.jsonl"))
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
+  assert os.path.exists(os.path.join(workdir, "train_curves.png"))
   single = train.train_and_evaluate(_config(data_dir), str(tmp_path / "one"))
   restored = _restored_params(_config(data_dir), workdir, STEPS)
   _assert_close(restored.params, single.params)
