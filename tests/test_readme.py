@@ -14,6 +14,8 @@ README = REPO_ROOT / "README.md"
 # README command (whitespace-normalised, line continuations joined) -> what runs it for real:
 # "tests/FILE.py::TEST" or "make demo" / "make test" (the Makefile target of that name).
 EXERCISED_BY = {
+    "python -m arjax serve --workdir=workdirs/digits":
+        "tests/test_serve.py::test_page_samples_a_grid_in_headless_chromium",
     "make demo": "make demo",
     "make test": "make test",
     "python -m arjax train --config=configs/digits.py --workdir=workdirs/digits": "make demo",
