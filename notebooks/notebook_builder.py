@@ -1,10 +1,10 @@
 """What every notebook builder in notebooks/ shares: the Colab set-up cell, cells, writing.
 
 Each `build_<name>.py` holds one notebook's cells as strings and calls `write` to produce
-`<name>.ipynb` (nbformat 4, no outputs), so a notebook's code is reviewed and diffed as Python;
-`python notebooks/build_all.py` rewrites them all. The tests execute every notebook with the cell
-tagged "parameters" overridden (papermill's convention) and check that the committed files are
-what the builders write.
+`<name>.ipynb` (nbformat 4, no outputs) when run (`python notebooks/build_<name>.py`), so a
+notebook's code is reviewed and diffed as Python. tests/test_notebooks.py executes every notebook
+with the cell tagged "parameters" overridden (papermill's convention) and checks that the
+committed files are what the builders write.
 """
 import json
 import os
