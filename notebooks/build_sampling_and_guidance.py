@@ -103,11 +103,12 @@ ODE_MD = """\
 ## The head's ODE: solver and steps
 
 Each token is drawn by integrating the head's velocity from noise (`t = 1`) to data (`t = 0`).
-One Euler step jumps straight to the predicted mean, so every token is an average and the
-digits blur; more steps follow the flow and recover the strokes. Heun corrects each Euler step
-with a second evaluation (twice the head's work per step) and gets there in fewer steps. The
-backbone runs once per token whatever the solver, so the head's steps are cheap here. Times are
-of a second call (the first one compiles)."""
+One step jumps from the noise to the head's one-shot estimate, made at the noise level where
+training (logit-normal times) rarely looked: speckled digits. A few steps follow the flow and
+recover the strokes. Heun corrects each Euler step with a second evaluation (twice the head's
+work per step); its last step is a plain Euler step, so with 1 step the two solvers agree. The
+backbone runs once per token whatever the solver. Times are of a second call (the first one
+compiles), and on a machine shared with other jobs they are only rough."""
 
 ODE = """\
 axes = panels(len(SOLVERS), len(ODE_STEPS))
