@@ -2,8 +2,9 @@
 
 The notebook is generated so that its code lives in one reviewable place; edit the cells here.
 """
-import json
-import os
+import notebook_builder as nb
+
+NAME = "pretrained_mar"
 
 MARKDOWN_INTRO = """\
 # Official MAR weights in arjax
@@ -22,31 +23,28 @@ Sampling MAR-B takes seconds on a GPU and many minutes on a CPU; lower `NUM_ITER
 Without checkpoint paths the notebook prints how to get them and does nothing else."""
 
 SETTINGS = """\
-import os
-
 # Paths to the official files; default from the environment, None when unset.
 MAR_CHECKPOINT = os.environ.get("MAR_CHECKPOINT") or None  # .../mar_base/checkpoint-last.pth
 VAE_CHECKPOINT = os.environ.get("VAE_CHECKPOINT") or None  # .../vae/kl16.ckpt
 
-# The repository root (this notebook lives in notebooks/).
-HERE = os.getcwd()
-REPO = os.path.dirname(HERE) if os.path.basename(HERE) == "notebooks" else HERE
-CONFIG = os.path.join(REPO, "configs", "imagenet256_mar_base.py")  # _large / _huge to match
-OUT = os.path.join(REPO, "workdirs", "pretrained_mar")  # converted checkpoints go here
+CONFIG = "configs/imagenet256_mar_base.py"  # _large / _huge to match; relative to the repository
+OUT = "workdirs/pretrained_mar"  # converted checkpoints go here; relative to the repository
 
 # Ten ImageNet classes, one image each: MAR's demo classes.
 CLASSES = [207, 360, 387, 974, 88, 979, 417, 279, 22, 980]
 NUM_ITER = 64   # MAR's generation steps (the paper's FID uses 256)
 CFG_SCALE = 4.0
-SEED = 0
+SEED = 0"""
 
+CHECK = """\
+CONFIG, OUT = os.path.join(REPO, CONFIG), os.path.join(REPO, OUT)
 READY = MAR_CHECKPOINT is not None and VAE_CHECKPOINT is not None
 if not READY:
   missing = "MAR" if MAR_CHECKPOINT is None else "VAE"
   print(f"Skipping: no {missing} checkpoint given. Download kl16.ckpt and "
         "mar_base/checkpoint-last.pth as MAR's README describes (github.com/LTH14/mar), then "
-        "set MAR_CHECKPOINT and VAE_CHECKPOINT (environment variables, or this cell) and "
-        "run the notebook again.")"""
+        "set MAR_CHECKPOINT and VAE_CHECKPOINT (environment variables, or the parameters cell) "
+        "and run the notebook again.")"""
 
 CONVERT = """\
 if READY:
@@ -96,32 +94,8 @@ if READY:
   display(grid)"""
 
 
-def _cell(kind, text):
-  cell = {"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True)}
-  if kind == "code":
-    cell.update(execution_count=None, outputs=[])
-  return cell
-
-
-def notebook():
-  return {
-      "nbformat": 4,
-      "nbformat_minor": 5,
-      "metadata": {
-          "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-          "language_info": {"name": "python"},
-      },
-      "cells": [_cell("markdown", MARKDOWN_INTRO), _cell("code", SETTINGS),
-                _cell("code", CONVERT), _cell("code", SAMPLE), _cell("code", SHOW)],
-  }
-
+CELLS = [nb.markdown(MARKDOWN_INTRO), nb.code(nb.SETUP), nb.parameters(SETTINGS), nb.code(CHECK),
+         nb.code(CONVERT), nb.code(SAMPLE), nb.code(SHOW)]
 
 if __name__ == "__main__":
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained_mar.ipynb")
-  nb = notebook()
-  for i, cell in enumerate(nb["cells"]):
-    cell["id"] = f"cell-{i}"  # nbformat 4.5 wants stable ids
-  with open(path, "w") as f:
-    json.dump(nb, f, indent=1)
-    f.write("\n")
-  print(f"wrote {path}")
+  print(f"wrote {nb.write(NAME, CELLS)}")
