@@ -147,6 +147,20 @@ def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int
   return data_fed, others
 
 
+def _time_mlp(rows: int, width: int) -> int:
+  """The head's time MLP (256 -> Wh -> Wh) on `rows` rows; part of `_head_net`'s count."""
+  return _matmul(rows, TIME_EMBED_DIM, width) + _matmul(rows, width, width)
+
+
+def _sampling_head(evals: int, calls: int, token_dim: int, cond_width: int, h,
+                   out_dim: Optional[int]) -> int:
+  """`evals` head-net row evaluations made in `calls` net calls of a sampler: every call
+  shares one time t over its rows, which the nets embed once (a scalar t), so the time MLP
+  counts once per call, not once per row."""
+  return (sum(_head_net(evals, token_dim, cond_width, h.width, h.depth, out_dim))
+          - _time_mlp(evals, h.width) + _time_mlp(calls, h.width))
+
+
 def _vit_blocks(rows: int, keys: int, width: int, mlp_ratio: float, depth: int) -> int:
   """MAR's timm ViT blocks: q, k, v, proj (W x W), scores and probs.v, fc1 / fc2 (W x rW)."""
   hidden = int(width * mlp_ratio)
@@ -235,7 +249,8 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
     backbone = sum(mar_backbone_flops(config, length, d, rows, int(known), int(pred))
                    for known, pred in zip(schedule.num_known_before, schedule.num_pred))
     evals = rows * length * head_evaluations(config)  # every token is predicted once
-    head = sum(_head_net(evals, d, wd, h.width, h.depth, out_dim))
+    head = _sampling_head(evals, len(schedule.num_pred) * head_evaluations(config), d, wd, h,
+                          out_dim)
   return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
 
 
@@ -267,7 +282,8 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
     Prefill of the P class tokens, then T - 1 decode steps that feed the
     tokens x_0 .. x_{T-2} (one position each); every query attends to the
     whole KV cache of P + T positions (masked, computed in full). The head net
-    runs on B' rows, T tokens x `ode_evaluations` times.
+    runs on B' rows, T tokens x `ode_evaluations` times; its time MLP once per net call
+    (every row of a call shares t, which the nets embed once).
 
   The sampler as implemented runs slightly more than these model FLOPs: it
   also feeds the last token (whose z is never used), and Heun's last step
@@ -297,13 +313,14 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
                 + _backbone_blocks(rows * (t - 1), cache, w, hidden, m.depth)
                 + _matmul(rows * (t - 1), d, w))
     evals = rows * t * head_evaluations(config)
-    head = sum(_head_net(evals, d, w, h.width, h.depth, out_dim))
+    head = _sampling_head(evals, t * head_evaluations(config), d, w, h, out_dim)
   elif mode == "decode":
     # One token step: the head samples a token from z, the backbone feeds it against the
     # full static cache (every position attends to all P + T slots, masked).
     rows = batch_size * (2 if is_guided(config) else 1)
     backbone = (_backbone_blocks(rows, p + t, w, hidden, m.depth) + _matmul(rows, d, w))
-    head = sum(_head_net(rows * head_evaluations(config), d, w, h.width, h.depth, out_dim))
+    head = _sampling_head(rows * head_evaluations(config), head_evaluations(config), d, w, h,
+                          out_dim)
   else:
     raise ValueError(f"mode={mode!r}; known: {MODES}")
   return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
