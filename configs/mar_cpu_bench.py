@@ -73,6 +73,7 @@ def get_config(variant: str = ""):
     m.encoder_depth = m.decoder_depth = 1
     m.encoder_heads = m.decoder_heads = 2
     m.buffer_size = 2
+    m.mask_buckets = 1  # one encoder size: one compiled branch, seconds instead of a minute
     h.width, h.depth = 32, 1
     t.global_batch_size = 8
     s.batch_size = s.num_images = 4

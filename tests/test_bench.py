@@ -210,3 +210,30 @@ def test_analytic_mar_backbone_flops_match_the_compiled_forward():
   compiled = at_positions.lower(params, tokens, mask, labels, positions).compile()
   assert _hlo_dot_flops(compiled.as_text()) == bench.mar_backbone_flops(config, 16, 4, batch, known,
                                                                         queries=5)
+
+
+def test_mar_cpu_bench_preset_has_the_issues_dims():
+  """configs/mar_cpu_bench.py is compared with a reference run of the official code: its dims
+  are fixed by that run (issue 6), so a drive-by edit must fail here."""
+  c = configs.load(str(REPO_ROOT / "configs/mar_cpu_bench.py"))
+  m, h, s = c.model, c.head, c.sample
+  tokens = (c.data.image_size // c.tokenizer.patch_size) ** 2
+  assert tokens == 64 and c.data.channels * c.tokenizer.patch_size ** 2 == 16
+  assert (m.family, m.encoder_width, m.decoder_width, m.encoder_depth, m.decoder_depth) == (
+      "mar", 256, 256, 4, 4)
+  assert (m.encoder_heads, m.decoder_heads, m.mlp_ratio, m.buffer_size) == (8, 8, 4.0, 16)
+  assert c.data.num_classes == 10
+  assert (h.name, h.width, h.depth, h.batch_mul) == ("mar_diffusion", 256, 3, 4)
+  assert c.train.global_batch_size == 32 and c.train.grad_clip_norm > 0
+  assert (s.batch_size, s.num_iter, s.num_steps, s.cfg_scale, s.cfg_schedule) == (
+      16, 16, 20, 3.0, "linear")
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_mar_cpu_bench_preset_benches_at_smoke_size(mode):
+  config = configs.load(str(REPO_ROOT / "configs/mar_cpu_bench.py:smoke"))
+  r = bench.run(config, mode=mode, batch_size=None, repeats=1, warmup=0, profile_dir=None)
+  assert set(r) >= COMMON_FIELDS | MODE_FIELDS[mode]
+  assert r["num_tokens"] == 64 and r["median_s"] > 0 and r["flops_per_call"] > 0
+  if mode == "sample":
+    assert r["solver"] is None and r["num_iter"] == config.sample.num_iter  # DDPM: no solver

@@ -14,6 +14,10 @@ README = REPO_ROOT / "README.md"
 # README command (whitespace-normalised, line continuations joined) -> what runs it for real:
 # "tests/FILE.py::TEST" or "make demo" / "make test" (the Makefile target of that name).
 EXERCISED_BY = {
+    "python -m arjax bench --config=configs/mar_cpu_bench.py --mode=train --repeats=10":
+        "tests/test_bench.py::test_mar_cpu_bench_preset_benches_at_smoke_size",
+    "python -m arjax bench --config=configs/mar_cpu_bench.py --mode=sample --repeats=7":
+        "tests/test_bench.py::test_mar_cpu_bench_preset_benches_at_smoke_size",
     "python -m arjax serve --workdir=workdirs/digits":
         "tests/test_serve.py::test_page_samples_a_grid_in_headless_chromium",
     "make demo": "make demo",
