@@ -231,8 +231,11 @@ def flop_figures(config) -> dict:
   s = config.sample
   return {
       "flops_train_step": bench.analytic_flops(config, "train", config.train.global_batch_size),
-      # Per image: the sampler's FLOPs are linear in its batch.
-      "flops_per_sampled_image": bench.analytic_flops(config, "sample", 1),
+      # Per image at the config's sampling batch: linear in the batch but for the head's time
+      # MLP, which runs once per net call for the whole batch (a shared t).
+      "flops_per_sampled_image": {
+          k: v // s.batch_size
+          for k, v in bench.analytic_flops(config, "sample", s.batch_size).items()},
       "head_evaluations": bench.head_evaluations(config),
       "guided": bench.is_guided(config),
       "num_iter": s.get("num_iter"),

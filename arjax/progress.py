@@ -4,7 +4,8 @@ Data preparation, training, sampling, latent caching and evaluation report throu
 Only process 0 of a multi-host job reports. Where stderr is a terminal, the report is a tqdm
 bar. Where it is not (a log file, a scheduler's capture, a pipe), a bar's carriage returns
 would pile up into one endless line, so the report becomes a plain line every
-`ARJAX_PROGRESS_SECONDS` seconds (default 30) and one at the end:
+`ARJAX_PROGRESS_SECONDS` seconds (default 30), with one at the start, one after the first unit
+(which carries the compile) and one at the end:
 
     train: 400/1600 steps (25%), 3.85 steps/s, eta 5m12s, loss 0.4321, img/s 493
 
@@ -61,6 +62,9 @@ class LogLines:
     self.postfix = ""
     self._last_time, self._last_n = time.perf_counter(), initial
     self._closed = self._started = False
+    # Said at once, as a terminal bar shows at once: a log says the loop has begun (and where
+    # a resumed run begins) without waiting a whole interval.
+    print(self.line() + ", starting", file=self.file, flush=True)
 
   @property
   def units(self) -> str:
@@ -73,9 +77,12 @@ class LogLines:
     self.n += n
     now = time.perf_counter()
     if not self._started:
-      # Rates count from the end of the first unit, which carries the compile.
+      # Rates count from the end of the first unit, which carries the compile: say how long
+      # it took, apart, so that a slow first step in a log reads as compiling, not a hang.
       self._started = True
       if self.n != self.total:
+        print(f"{self.desc}: first {self.unit} done after {now - self._last_time:.1f} s "
+              "(compiling included)", file=self.file, flush=True)
         self._last_time, self._last_n = now, self.n
         return
     if now - self._last_time >= self.interval or self.n == self.total:

@@ -128,7 +128,8 @@ def test_a_heads_rows_drawn_from_per_row_keys_are_those_rows_sampled_alone(head)
   """The head contract behind the samplers' independence (arjax/models/heads/noise.py)."""
   # A stand-in network, row-wise in x, t and z (DDPM: eps and the learned-range variance).
   def net_fn(x_t, t, z):
-    eps = 0.5 * x_t + 1e-3 * t[:, None] * z[:, :4]
+    # t is [N] in training and a scalar shared by the rows in sampling (the head contract).
+    eps = 0.5 * x_t + 1e-3 * jnp.reshape(t, (-1, 1)) * z[:, :4]
     return eps if isinstance(head, FlowMatching) else jnp.concatenate([eps, jnp.tanh(z[:, 4:])], -1)
 
   sample = jax.jit(lambda z, keys: head.sample(net_fn, z, keys, temperature=0.9, steps=3))

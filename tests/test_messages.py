@@ -1,6 +1,7 @@
 """What a person reads: progress reports that stay readable in a log, the start-up summary, and
 errors that name the offending field or path and say how to fix it."""
 import os
+import re
 import subprocess
 import sys
 
@@ -32,11 +33,14 @@ def test_progress_in_a_log_file_is_whole_lines_with_count_rate_and_postfix(monke
     report.set_postfix({"loss": "0.5000"})
   report.close()
   lines = capsys.readouterr().err.splitlines()
-  # The first step carries the compile: no line and no rate for it.
-  assert lines[0].startswith("train: 2/4 steps (50%), ")
-  assert "steps/s" in lines[0] and "eta" in lines[0]
+  # At once: the loop has begun. The first step carries the compile: its time is said apart
+  # and no rate counts it.
+  assert lines[0] == "train: 0/4 steps (0%), starting"
+  assert re.fullmatch(r"train: first step done after \d+\.\d s \(compiling included\)", lines[1])
+  assert lines[2].startswith("train: 2/4 steps (50%), ")
+  assert "steps/s" in lines[2] and "eta" in lines[2]
   assert lines[-1].startswith("train: 4/4 steps (100%)") and lines[-1].endswith("loss 0.5000")
-  assert len(lines) == 3
+  assert len(lines) == 5
 
 
 def test_progress_mode_follows_the_terminal_and_the_environment(monkeypatch):

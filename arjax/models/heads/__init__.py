@@ -6,7 +6,9 @@ The contract every head keeps (so backbones and decoders never special-case one)
     head.sample(net_fn, z [N, W] (or [2N, W] with CFG), rng, cfg_scale, temperature, steps) -> x [N, D]
 
 `net_fn(x_t, t, z)` is the head network applied with its parameters bound,
-a pure function: heads hold configuration, never parameters. `sample`'s `rng` is one key or
+a pure function: heads hold configuration, never parameters. t is [N] in `loss` (one time per
+row); `sample` passes a scalar, the one time of that solver step shared by every row, so that
+the network embeds it once rather than once per row. `sample`'s `rng` is one key or
 one key per row [N] (`noise.py`): per-row keys make each row's draws its own.
 """
 from arjax.models.heads.diffusion import MarDiffusion
