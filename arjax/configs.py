@@ -6,6 +6,7 @@ field's dotted name. Config *files* live in `configs/`; this module only judges 
 """
 import difflib
 import importlib.util
+import json
 import os
 from typing import Any, Callable, Dict, Tuple
 
@@ -279,3 +280,20 @@ def load(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """A config written as JSON (a workdir's config.json, by `train` and `convert`), restored so
+  it validates as it did: JSON has no tuples and no typed None, so every sequence becomes a
+  tuple and every None field an optional string (a path), kept overridable as a placeholder."""
+  def restore(value, field=True):
+    if isinstance(value, dict):
+      return {k: restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(restore(v, field=False) for v in value)
+    if value is None and field:
+      return ml_collections.config_dict.placeholder(str)
+    return value
+
+  with open(path) as f:
+    return ml_collections.ConfigDict(restore(json.load(f)))

@@ -60,30 +60,15 @@ class RequestError(ValueError):
 
 
 def workdir_config(workdir: str):
-  """The config a workdir was trained (or converted) with: DIR/config.json.
-
-  JSON has no tuples and no typed None; as in the config.py that `convert` writes, sequences
-  become tuples and None fields optional strings (paths), so the config validates as it did.
-  """
-  import ml_collections
+  """The config a workdir was trained (or converted) with: DIR/config.json (`configs.load_json`)."""
+  from arjax import configs
 
   check_served_workdir(workdir)
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--workdir={workdir} holds no config.json (written by `train` and "
                             f"`convert`): pass the config it was trained with, --config=configs/X.py")
-
-  def restore(value, field=True):
-    if isinstance(value, dict):
-      return {k: restore(v) for k, v in value.items()}
-    if isinstance(value, list):
-      return tuple(restore(v, field=False) for v in value)
-    if value is None and field:
-      return ml_collections.config_dict.placeholder(str)
-    return value
-
-  with open(path) as f:
-    return ml_collections.ConfigDict(restore(json.load(f)))
+  return configs.load_json(path)
 
 
 def check_served_workdir(workdir: str) -> None:

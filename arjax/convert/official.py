@@ -374,27 +374,13 @@ _CONFIG_PY = '''"""The config `python -m arjax convert` checked the imported wei
 
 Loads config.json beside this file (edit that, or override fields on the command line).
 """
-import json
 import os
 
-import ml_collections
-
-
-def _restore(value, field=True):
-  # JSON has no tuples and no typed None: every sequence in a config is a tuple, and every
-  # None field is an optional string (a path), kept overridable as a typed placeholder.
-  if isinstance(value, dict):
-    return {{k: _restore(v) for k, v in value.items()}}
-  if isinstance(value, list):
-    return tuple(_restore(v, field=False) for v in value)
-  if value is None and field:
-    return ml_collections.config_dict.placeholder(str)
-  return value
+from arjax import configs
 
 
 def get_config():
-  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")) as f:
-    return ml_collections.ConfigDict(_restore(json.load(f)))
+  return configs.load_json(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
 '''
 
 
