@@ -479,13 +479,13 @@ def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
   """One token step of the causal sampler (the head samples token i from z_i, the backbone
   feeds it at position i against the KV cache) timed at the first, middle and last position.
 
-  The step is the body of `arjax.sampling.sample_tokens`'s scan, jitted alone with the cache
-  donated; the position is an argument, so one compilation serves every position. The cache
-  has its full static length at every position (masked attention over all of it), which is
-  what makes the cost flat; the test of that claim is this measurement.
+  The step is `arjax.sampling.token_step`, the body of the sampler's scan, jitted alone with
+  the cache donated; the position is an argument, so one compilation serves every position.
+  The cache has its full static length at every position (masked attention over all of it),
+  which is what makes the cost flat; the test of that claim is this measurement.
   """
   from arjax.models.ar_model import ARModel
-  from arjax.sampling import head_with_solver, image_keys
+  from arjax.sampling import head_with_solver, image_keys, token_step
 
   config = exp.config  # the causal family: `run` refuses others
   s = config.sample
@@ -502,16 +502,14 @@ def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
     cache = model.backbone.init_cache(labels.shape[0], jnp.float32)
     return model.apply({"params": params}, labels, cache, method=ARModel.prefill)
 
-  def token_step(params, z, cache, position):
-    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
-    net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=ARModel.head_net)
-    token = head.sample(net_fn, z, keys, cfg_scale=scale if guided else None,
-                        temperature=s.temperature, steps=s.num_steps,
-                        cfg_interval=tuple(s.cfg_interval))
-    fed = jnp.concatenate([token, token]) if guided else token
-    return apply(fed, position, cache, method=ARModel.decode_step)
+  def one_token(params, z, cache, position):
+    _, z, cache = token_step(
+        params, z, cache, position, keys, scale, s.temperature, model=model, head=head,
+        guided=guided, num_steps=s.num_steps, cfg_interval=tuple(s.cfg_interval),
+        value_range=exp.tokenizer.value_range)
+    return z, cache
 
-  step = jax.jit(token_step, donate_argnums=(2,))
+  step = jax.jit(one_token, donate_argnums=(2,))
   z, cache = jax.jit(prefill)(params, labels)
   positions = decode_positions(exp.tokenizer.num_tokens)
 

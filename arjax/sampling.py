@@ -120,22 +120,37 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
     labels = jnp.concatenate([labels, jnp.full_like(labels, model.backbone.num_classes)])
   cache = model.backbone.init_cache(labels.shape[0], cache_dtype)
   z, cache = apply(labels, cache, method=ARModel.prefill)
-  net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=ARModel.head_net)
 
   def step(carry, inputs):
     z, cache = carry
     position, scale = inputs
     keys = noise_draws.fold_in(row_keys, position)  # [B]: one key per image
-    token = head.sample(net_fn, z, keys, cfg_scale=scale if guided else None,
-                        temperature=temperature, steps=num_steps, cfg_interval=cfg_interval)
-    if value_range is not None:
-      token = jnp.clip(token, *value_range)
-    fed = jnp.concatenate([token, token]) if guided else token
-    z_next, cache = apply(fed, position, cache, method=ARModel.decode_step)
+    token, z_next, cache = token_step(
+        params, z, cache, position, keys, scale, temperature, model=model, head=head,
+        guided=guided, num_steps=num_steps, cfg_interval=cfg_interval, value_range=value_range)
     return (z_next, cache), (token, z)
 
   _, (tokens, zs) = jax.lax.scan(step, (z, cache), (jnp.arange(num_tokens), cfg_scales))
   return tokens.transpose(1, 0, 2), zs.transpose(1, 0, 2)
+
+
+def token_step(params, z, cache, position, keys, cfg_scale, temperature, *, model, head,
+               guided: bool, num_steps: int, cfg_interval=(0.0, 1.0), value_range=None):
+  """One position of the causal sampler: the head samples token `position` from z [B', W]
+  with `keys` [B], and the backbone feeds it at `position` against the KV cache.
+
+  Returns (token [B, D], z for the next position [B', W], cache). The body of
+  `sample_tokens`'s scan, also what `bench --mode=decode` times alone.
+  """
+  apply = functools.partial(model.apply, {"params": params})
+  net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=ARModel.head_net)
+  token = head.sample(net_fn, z, keys, cfg_scale=cfg_scale if guided else None,
+                      temperature=temperature, steps=num_steps, cfg_interval=cfg_interval)
+  if value_range is not None:
+    token = jnp.clip(token, *value_range)
+  fed = jnp.concatenate([token, token]) if guided else token
+  z_next, cache = apply(fed, position, cache, method=ARModel.decode_step)
+  return token, z_next, cache
 
 
 def head_with_solver(head, solver: str):
