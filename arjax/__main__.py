@@ -42,8 +42,13 @@ import os
 import shlex
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from arjax import host_allocator
+
+# Before anything can start JAX (config files import it): see arjax/host_allocator.py.
+host_allocator.keep_freed_memory()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve")
 

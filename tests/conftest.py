@@ -22,6 +22,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Keep TFDS quiet and off the network: nothing in the tests may download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
+# Freed host memory stays in the process, as `python -m arjax` keeps it (arjax/host_allocator.py):
+# without it every large XLA:CPU temporary is page-faulted in afresh on every call.
+from arjax import host_allocator  # noqa: E402
+
+host_allocator.keep_freed_memory()
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
