@@ -130,7 +130,8 @@ def _backbone_blocks(rows: int, keys: int, width: int, hidden: int, depth: int) 
 
 
 def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int,
-              out_dim: Optional[int] = None):
+              out_dim: Optional[int] = None, *, cond_rows: Optional[int] = None,
+              time_rows: Optional[int] = None):
   """One head-network evaluation on `rows` rows -> (FLOPs of layers fed by data, of all others).
 
   Layers: time MLP (256 -> Wh -> Wh), cond projection (W -> Wh), input
@@ -139,12 +140,28 @@ def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int
   `out_dim`: 2D for MAR's DDPM net, whose second half is the variance).
   The first time-MLP layer and the input projection read data (t's embedding,
   x_t) that no parameter influences; backprop needs no gradient of their inputs.
+  The cond projection runs on `cond_rows` (training: one per token, shared by its
+  batch_mul draws) and the time MLP on `time_rows` (a timestep table's size); both
+  default to `rows`.
   """
-  data_fed = _matmul(rows, TIME_EMBED_DIM, width) + _matmul(rows, token_dim, width)
-  others = (_matmul(rows, width, width) + _matmul(rows, cond_width, width)
+  cond_rows = rows if cond_rows is None else cond_rows
+  time_rows = rows if time_rows is None else time_rows
+  data_fed = _matmul(time_rows, TIME_EMBED_DIM, width) + _matmul(rows, token_dim, width)
+  others = (_matmul(time_rows, width, width) + _matmul(cond_rows, cond_width, width)
             + depth * (_matmul(rows, width, 3 * width) + 2 * _matmul(rows, width, width))
             + _matmul(rows, width, 2 * width) + _matmul(rows, width, out_dim or token_dim))
   return data_fed, others
+
+
+def _training_head(h, tokens: int, token_dim: int, cond_width: int, out_dim: int) -> int:
+  """The head's training FLOPs (forward + backward) on `tokens` tokens x batch_mul draws: the
+  condition projected once per token; MAR's DDPM net embeds its integer timesteps as a table
+  of num_timesteps rows when there are more rows than that (`MarMLPAdaLN`)."""
+  rows = tokens * h.batch_mul
+  time_rows = (min(rows, h.num_timesteps) if h.name == "mar_diffusion" else rows)
+  data_fed, others = _head_net(rows, token_dim, cond_width, h.width, h.depth, out_dim,
+                               cond_rows=tokens, time_rows=time_rows)
+  return 2 * data_fed + 3 * others
 
 
 def _time_mlp(rows: int, width: int) -> int:
@@ -218,9 +235,10 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
 
   train: z_proj on all L tokens; encoder blocks over buffer + kept rows (unpadded: the
     padding of the bucketed program is waste), decoder_embed on them; decoder blocks over
-    buffer + L rows; the head net on B * L * M rows (MAR's loss runs the head on every
-    token and weights the masked ones). Backward as for the causal family; z_proj's and
-    the head's data-fed layers get 1x.
+    buffer + L rows, the last one's queries on the masked tokens only; the head net on
+    B * masked * M rows (MAR's loss weights the unmasked tokens by zero, so arjax runs the
+    head on the masked ones; the branch's padding rows are waste). Backward as for the
+    causal family; z_proj's and the head's data-fed layers get 1x.
   sample: per step k, with B' rows (2B under CFG), the encoder over buffer + known_k,
     decoder over buffer + L (its last block's queries on the num_pred_k predicted tokens
     only, as the sampler runs it), the head on B' x num_pred_k tokens x head evaluations.
@@ -232,17 +250,13 @@ def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
   d, length = tokenizer.token_dim, tokenizer.num_tokens
   wd = m.decoder_width
   out_dim = 2 * d if h.name == "mar_diffusion" else d
-  forward = lambda rows, known: mar_backbone_flops(config, length, d, rows, int(known))
-
   if mode == "train":
     z_proj = _matmul(batch_size * length, d, m.encoder_width)
-    blocks = _expected_over_mask_law(
-        length, m.mask_ratio_min, m.mask_ratio_std,
-        lambda kept: forward(batch_size, kept)) - z_proj
+    law = lambda f: _expected_over_mask_law(length, m.mask_ratio_min, m.mask_ratio_std, f)
+    blocks = law(lambda kept: mar_backbone_flops(config, length, d, batch_size, int(kept),
+                                                 queries=length - int(kept))) - z_proj
     backbone = 3 * blocks + 2 * z_proj
-    data_fed, others = _head_net(batch_size * length * h.batch_mul, d, wd, h.width, h.depth,
-                                 out_dim)
-    head = 2 * data_fed + 3 * others
+    head = law(lambda kept: _training_head(h, batch_size * (length - int(kept)), d, wd, out_dim))
   else:
     schedule = mar_sampling.mask_schedule(length, config.sample.num_iter)
     rows = batch_size * (2 if is_guided(config) else 1)
@@ -304,8 +318,7 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
     blocks = _backbone_blocks(batch_size * seq, seq, w, hidden, m.depth)
     token_in = _matmul(batch_size * (t - 1), d, w)
     backbone = 3 * blocks + 2 * token_in
-    data_fed, others = _head_net(batch_size * t * h.batch_mul, d, w, h.width, h.depth, out_dim)
-    head = 2 * data_fed + 3 * others
+    head = _training_head(h, batch_size * t, d, w, out_dim)
   elif mode == "sample":
     rows = batch_size * (2 if is_guided(config) else 1)
     cache = p + t

@@ -118,3 +118,40 @@ def test_the_causal_model_samples_with_the_ddpm_head():
   state, _ = exp.init_state()
   images = exp.sampler()(state.params, np.array([0, 1]), jax.random.PRNGKey(0), cfg_scale=2.0)
   assert images.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
+
+
+def test_integer_timesteps_embed_through_a_table_with_the_same_numbers():
+  """With num_timesteps set and more rows than timesteps, the time MLP runs on the T steps
+  once and rows gather their embedding: outputs and gradients equal the per-row net's."""
+  per_row = MarMLPAdaLN(in_channels=2, model_channels=32, z_channels=3, num_res_blocks=2)
+  table = MarMLPAdaLN(in_channels=2, model_channels=32, z_channels=3, num_res_blocks=2,
+                      num_timesteps=10)
+  rng = jax.random.PRNGKey(0)
+  x, z = jax.random.normal(rng, (40, 2)), jax.random.normal(jax.random.PRNGKey(1), (40, 3))
+  t = jax.random.randint(jax.random.PRNGKey(2), (40,), 0, 10)
+  params = per_row.init(rng, x, t, z)
+  # Non-zero modulation and output weights, so the time embedding reaches the output.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(rng, p.shape), params)
+  loss = lambda net: (lambda p: jnp.sum(net.apply(p, x, t, z) ** 2))
+  np.testing.assert_allclose(table.apply(params, x, t, z), per_row.apply(params, x, t, z),
+                             rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.grad(loss(table))(params), jax.grad(loss(per_row))(params))
+
+
+@pytest.mark.parametrize("net_name", ["mar", "flow"])
+def test_a_condition_shared_by_k_rows_is_the_repeated_condition(net_name):
+  """z with one row per k consecutive rows of x_t (a token's batch_mul draws) gives the net
+  of the repeated z; a row count that is no divisor is an error saying what was expected."""
+  from arjax.models.heads import FlowHeadNet
+  net = (MarMLPAdaLN(in_channels=2, model_channels=32, z_channels=3, num_res_blocks=1)
+         if net_name == "mar" else FlowHeadNet(token_dim=2, width=32, depth=1))
+  rng = jax.random.PRNGKey(0)
+  x, z = jax.random.normal(rng, (12, 2)), jax.random.normal(jax.random.PRNGKey(1), (3, 3))
+  t = jnp.arange(12) % 5 if net_name == "mar" else jnp.linspace(0, 1, 12)
+  params = net.init(rng, x, t, jnp.repeat(z, 4, axis=0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(rng, p.shape), params)
+  np.testing.assert_allclose(net.apply(params, x, t, z),
+                             net.apply(params, x, t, jnp.repeat(z, 4, axis=0)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="condition has 5 rows for 12 rows of x_t"):
+    net.apply(params, x, t, jnp.zeros((5, 3)))

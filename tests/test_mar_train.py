@@ -141,3 +141,60 @@ def test_sharded_mar_step_equals_single_device_step(head):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert any(not np.allclose(a, b) for a, b in
              zip(jax.tree.leaves(next_1.params), jax.tree.leaves(host_state.params)))
+
+
+class _DeterministicHead:
+  """A head algorithm whose per-token loss draws nothing: a function of (x, z) alone, so the
+  loss over masked tokens can be compared number for number with MAR's all-token form."""
+  batch_mul = 1
+
+  def loss(self, net_fn, x, z, rng):
+    del rng
+    return jnp.mean((net_fn(x, jnp.full((x.shape[0],), 0.3), z) - x) ** 2, axis=-1)
+
+
+def test_the_head_on_masked_tokens_alone_gives_mars_all_token_loss():
+  """MAR runs its head on all L tokens and zero-weights the unmasked ones; masked_loss runs it
+  (and the decoder's last block) on each branch's masked positions only: same loss and
+  gradients, in every bucket's branch."""
+  config = mar_config(model__mask_buckets=3, model__mask_ratio_min=0.0, model__mask_ratio_std=1.0)
+  exp = train.Experiment(config)
+  model, num_tokens = exp.model, exp.tokenizer.num_tokens
+  buckets = masked_ar.bucket_sizes(masked_ar.max_kept(num_tokens, 0.0), 3)
+  assert len(buckets) == 3 and masked_ar.head_rows(num_tokens, buckets) == (
+      num_tokens, num_tokens - buckets[0] - 1, num_tokens - buckets[1] - 1)
+  head = _DeterministicHead()
+  params = exp.init_state()[0].params
+  tokens = jax.random.normal(jax.random.PRNGKey(3), (4, num_tokens, exp.tokenizer.token_dim))
+  labels = jnp.arange(4) % 10
+
+  def all_tokens_loss(params, rng):  # MAR's form, with masked_loss's draws
+    count_rng, order_rng, drop_rng, _ = jax.random.split(rng, 4)
+    num_masked = masked_ar.sample_num_masked(count_rng, num_tokens, 0.0, 1.0)
+    mask = masked_ar.mask_by_order(num_masked, masked_ar.random_orders(order_rng, 4, num_tokens))
+    drop = jax.random.uniform(drop_rng, (4,)) < config.model.label_drop
+    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+    z = apply(tokens, mask, labels, num_tokens, drop, method=masked_ar.MaskedARModel.condition)
+    net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=masked_ar.MaskedARModel.head_net)
+    per_token = head.loss(net_fn, tokens.reshape(4 * num_tokens, -1), z.reshape(4 * num_tokens, -1),
+                          None)
+    weights = mask.reshape(-1).astype(jnp.float32)
+    return jnp.sum(per_token * weights) / jnp.sum(weights), num_tokens - num_masked
+
+  def masked_only(params, rng):
+    return masked_ar.masked_loss(params, tokens, labels, rng, model=model, head=head,
+                                 label_drop=config.model.label_drop, mask_ratio_min=0.0,
+                                 mask_ratio_std=1.0, buckets=buckets)
+
+  reference = jax.jit(jax.value_and_grad(all_tokens_loss, has_aux=True))
+  ours = jax.jit(jax.value_and_grad(masked_only))
+  branches = set()
+  for seed in range(12):
+    rng = jax.random.PRNGKey(seed)
+    (want, kept), want_grads = reference(params, rng)
+    got, got_grads = ours(params, rng)
+    branches.add(int(np.searchsorted(buckets, int(kept))))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+                 got_grads, want_grads)
+  assert len(branches) >= 2, branches  # more than one branch was exercised

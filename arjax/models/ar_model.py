@@ -72,7 +72,7 @@ def _build_head(config, tokenizer, dtype):
   if h.name == "mar_diffusion":
     z_width = config.model.decoder_width if config.model.family == "mar" else config.model.width
     net = MarMLPAdaLN(in_channels=d, model_channels=h.width, z_channels=z_width,
-                      num_res_blocks=h.depth, dtype=dtype)
+                      num_res_blocks=h.depth, dtype=dtype, num_timesteps=h.num_timesteps)
     return net, MarDiffusion(token_dim=d, batch_mul=h.batch_mul,
                              num_sampling_steps=str(config.sample.num_steps),
                              num_timesteps=h.num_timesteps, noise_schedule=h.noise_schedule)

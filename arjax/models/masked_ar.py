@@ -9,7 +9,7 @@ truncated to [mask_ratio_min, 1] (the 0.25 is `mask_ratio_std`, a config field: 
 never shows a short sequence the late sampling steps' many known tokens, see
 configs/digits_mar.py), `ceil(L * ratio)` tokens masked in every row, each row
 masking the first ones of its own random order; the loss is the head's loss averaged over
-the masked tokens only.
+the masked tokens only, and the head runs on those tokens alone (`masked_loss`).
 
 Static shapes. The encoder's length is buffer + (number of unmasked tokens), which varies
 from batch to batch between 0 and `max_kept = L - ceil(L * mask_ratio_min)`. Compiling one
@@ -88,28 +88,47 @@ def mask_by_order(mask_len, orders):
   return ranks < jnp.asarray(mask_len, jnp.int32)
 
 
+def head_rows(num_tokens: int, buckets: Sequence[int]) -> Tuple[int, ...]:
+  """Rows per image the head runs on in each bucket's branch of `masked_loss`: the most tokens
+  a mask of that branch hides. Branch i serves kept counts in (buckets[i-1], buckets[i]],
+  so it hides at most L - buckets[i-1] - 1 tokens (all L in branch 0)."""
+  return tuple(num_tokens - (buckets[i - 1] + 1 if i else 0) for i in range(len(buckets)))
+
+
 def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
                 label_drop: float, mask_ratio_min: float, buckets: Sequence[int],
                 mask_ratio_std: float = 0.25):
-  """Mean head loss over the masked tokens of a MAR training mask drawn from `rng`."""
+  """Mean head loss over the masked tokens of a MAR training mask drawn from `rng`.
+
+  MAR runs its head on all L tokens and weights the unmasked ones by 0. Here the head, and
+  the decoder's last block, run only on each image's first `head_rows` positions of its
+  random order, which hold its masked tokens (a row past the batch's masked count is
+  padding, weighted 0): the same loss, less of the work the zero weights threw away.
+  """
   batch, num_tokens, dim = tokens.shape
   count_rng, order_rng, drop_rng, head_rng = jax.random.split(rng, 4)
   num_masked = sample_num_masked(count_rng, num_tokens, mask_ratio_min, mask_ratio_std)
-  mask = mask_by_order(num_masked, random_orders(order_rng, batch, num_tokens))
+  orders = random_orders(order_rng, batch, num_tokens)
+  mask = mask_by_order(num_masked, orders)
   drop = jax.random.uniform(drop_rng, (batch,)) < label_drop
-  weights = mask.reshape(-1).astype(jnp.float32)
 
-  def loss_padded_to(num_kept, params):
+  def loss_padded_to(num_kept, num_rows, params):
     apply = functools.partial(model.apply, {"params": params})
-    z = apply(tokens, mask, labels, num_kept, drop, method=MaskedARModel.condition)
+    # An image's masked positions are the first num_masked of its order (mask_by_order).
+    positions = orders[:, :num_rows]
+    z = apply(tokens, mask, labels, num_kept, drop, positions, method=MaskedARModel.condition)
+    x = jnp.take_along_axis(tokens, positions[:, :, None], axis=1)
     net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=MaskedARModel.head_net)
-    per_token = head.loss(net_fn, tokens.reshape(-1, dim), z.reshape(batch * num_tokens, -1),
-                          head_rng)
+    per_token = head.loss(net_fn, x.reshape(-1, dim), z.reshape(batch * num_rows, -1),
+                          head_rng).reshape(batch, num_rows)
+    weights = jnp.broadcast_to(jnp.arange(num_rows) < num_masked, (batch, num_rows))
+    weights = weights.astype(jnp.float32)
     return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
   kept = num_tokens - num_masked
   index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), kept, side="left")
-  branches = [functools.partial(loss_padded_to, size) for size in buckets]
+  branches = [functools.partial(loss_padded_to, size, rows)
+              for size, rows in zip(buckets, head_rows(num_tokens, buckets))]
   if len(branches) == 1:
     return branches[0](params)
   return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), branches, params)

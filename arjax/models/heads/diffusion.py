@@ -296,7 +296,8 @@ class MarDiffusion:
     """
     n = x.shape[0]
     x = jnp.repeat(x.astype(jnp.float32), self.batch_mul, axis=0)
-    z = jnp.repeat(z, self.batch_mul, axis=0)
+    # z stays one row per token: the net projects it once and shares it over the draws
+    # (`heads.condition.shared_condition`).
     t_rng, noise_rng = jax.random.split(rng)
     sched = self.train_diffusion
     if t is None:

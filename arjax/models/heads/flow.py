@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from arjax.models import layers
+from arjax.models.heads.condition import shared_condition
 from arjax.models.heads import noise as noise_draws
 
 Dtype = Any
@@ -60,10 +61,12 @@ class _ResBlock(nn.Module):
 
 
 class FlowHeadNet(nn.Module):
-  """v = net(x_t [N, D], t [N], z [N, W]).
+  """v = net(x_t [N, D], t [N], z [N or N/k, W]).
 
   t may be a scalar shared by all rows, as in sampling, where every row of an ODE step has
   the same t: the time MLP then runs on one row instead of N (the numbers are the same).
+  z may hold one row per k consecutive rows of x_t, the training loss's batch_mul draws of
+  one token: it is projected once per token (`heads.condition.shared_condition`).
   """
   token_dim: int
   width: int
@@ -78,8 +81,9 @@ class FlowHeadNet(nn.Module):
     t_emb = timestep_embedding(t, 256).astype(self.dtype)
     t_emb = dense(self.width, ("mlp", "mlp_out"), "time_mlp2")(
         nn.silu(dense(self.width, ("time", "mlp"), "time_mlp1")(t_emb)))
-    c = t_emb + dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype))
     h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
+    c = t_emb + shared_condition(
+        dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
     for i in range(self.depth):
       h = _ResBlock(dtype=self.dtype, name=f"block_{i}")(h, c)
     shift, scale = jnp.split(
@@ -131,8 +135,8 @@ class FlowMatching:
     n = x.shape[0]
     # Repeat each row in place (not tile) so the batch axis stays major and its
     # sharding over the mesh survives the reshape.
+    # z stays one row per token: the net projects it once and shares it over the draws.
     x = jnp.repeat(x.astype(jnp.float32), self.batch_mul, axis=0)
-    z = jnp.repeat(z, self.batch_mul, axis=0)
     t_rng, noise_rng = jax.random.split(rng)
     t = self.sample_t(t_rng, x.shape[0])
     noise = jax.random.normal(noise_rng, x.shape)

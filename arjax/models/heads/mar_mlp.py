@@ -18,12 +18,13 @@ Initialisation follows MAR's `initialize_weights`: zero adaLN modulation and fin
 so an untrained head predicts eps = 0 and v = 0.
 """
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from arjax.models import layers
+from arjax.models.heads.condition import shared_condition
 
 Dtype = Any
 
@@ -114,9 +115,15 @@ class _FinalLayer(nn.Module):
 class MarMLPAdaLN(nn.Module):
   """`SimpleMLPAdaLN(in_channels, model_channels, out_channels, z_channels, num_res_blocks)`.
 
-  `__call__(x_t [N, C], t [N] (0..999 timestep, int or float), c [N, z_channels])`
+  `__call__(x_t [N, C], t [N] (0..999 timestep, int or float), c [N or N/k, z_channels])`
   -> [N, 2C] if `learn_sigma` else [N, C], float32. t may be a scalar shared by every row (a
   sampling step): the time embedder then runs on one row, broadcast, with the same numbers.
+  c may hold one row per k consecutive rows of x_t (`heads.condition.shared_condition`).
+
+  With `num_timesteps` T set, integer per-row timesteps in 0..T-1 and more than T rows (a
+  training batch: 8192 rows for T = 1000 in the MAR CPU preset), the time embedder runs on
+  the T timesteps once and each row takes its row of that table: the same per-row numbers,
+  at T/N of the time MLP's work, forward and backward.
   """
   in_channels: int             # C, MAR's token_embed_dim
   model_channels: int          # MAR's diffloss_w
@@ -125,6 +132,7 @@ class MarMLPAdaLN(nn.Module):
   learn_sigma: bool = True     # DiffLoss builds out_channels = 2 * C (LEARNED_RANGE variance)
   frequency_embedding_size: int = 256
   dtype: Dtype = jnp.float32
+  num_timesteps: Optional[int] = None  # integer timesteps' table size (see the docstring)
 
   @property
   def out_channels(self) -> int:
@@ -135,11 +143,17 @@ class MarMLPAdaLN(nn.Module):
     # SimpleMLPAdaLN.forward: x = input_proj(x); y = time_embed(t) + cond_embed(c).
     h = _dense(self.model_channels, ("token", "mlp"), "input_proj", self.dtype)(
         x_t.astype(self.dtype))
-    t_emb = _TimestepEmbedder(self.model_channels, self.frequency_embedding_size, self.dtype,
-                              name="time_embed")(t)
+    time_embed = _TimestepEmbedder(self.model_channels, self.frequency_embedding_size,
+                                   self.dtype, name="time_embed")
+    t = jnp.asarray(t)
+    if (self.num_timesteps is not None and t.ndim == 1
+        and jnp.issubdtype(t.dtype, jnp.integer) and t.shape[0] > self.num_timesteps):
+      t_emb = jnp.take(time_embed(jnp.arange(self.num_timesteps)), t, axis=0)
+    else:
+      t_emb = time_embed(t)
     c_emb = _dense(self.model_channels, ("embed", "mlp_out"), "cond_embed", self.dtype)(
         c.astype(self.dtype))
-    y = t_emb + c_emb
+    y = t_emb + shared_condition(c_emb, h.shape[0])
     for i in range(self.num_res_blocks):
       h = _ResBlock(self.dtype, name=f"res_blocks_{i}")(h, y)
     out = _FinalLayer(self.out_channels, self.dtype, name="final_layer")(h, y)
