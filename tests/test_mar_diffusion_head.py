@@ -155,3 +155,20 @@ def test_a_condition_shared_by_k_rows_is_the_repeated_condition(net_name):
                              net.apply(params, x, t, jnp.repeat(z, 4, axis=0)), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="condition has 5 rows for 12 rows of x_t"):
     net.apply(params, x, t, jnp.zeros((5, 3)))
+
+
+def test_fused_modulations_are_each_blocks_own_dense():
+  """One matmul over the side-by-side kernels gives, column for column, each Dense's output."""
+  from arjax.models.heads import condition
+  rng = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = {"block_0": {"mod": {"kernel": jax.random.normal(rng[0], (8, 24)),
+                                "bias": jax.random.normal(rng[1], (24,))}},
+            "final": {"kernel": jax.random.normal(rng[2], (8, 16)),
+                      "bias": jax.random.normal(rng[3], (16,))}}
+  y = jax.random.normal(rng[4], (5, 8))
+  block, final = condition.fused_modulations(params, [("block_0", "mod"), ("final",)], y,
+                                             jnp.float32)
+  np.testing.assert_allclose(block, y @ params["block_0"]["mod"]["kernel"]
+                             + params["block_0"]["mod"]["bias"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final, y @ params["final"]["kernel"] + params["final"]["bias"],
+                             rtol=1e-5, atol=1e-5)

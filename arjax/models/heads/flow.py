@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from arjax.models import layers
-from arjax.models.heads.condition import shared_condition
+from arjax.models.heads.condition import fused_modulations, shared_condition
 from arjax.models.heads import noise as noise_draws
 
 Dtype = Any
@@ -45,12 +45,14 @@ class _ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, c):
+  def __call__(self, h, c, modulation=None):
+    """modulation: the block's modulation(SiLU(c)) when the net computed it (fused)."""
     width = h.shape[-1]
-    shift, scale, gate = jnp.split(
-        nn.Dense(3 * width, dtype=self.dtype, name="modulation",
-                 kernel_init=layers.zeros_init(("mlp", "mlp_out")),
-                 bias_init=layers.zeros_init(("mlp_out",)))(nn.silu(c)), 3, axis=-1)
+    if modulation is None:
+      modulation = nn.Dense(3 * width, dtype=self.dtype, name="modulation",
+                            kernel_init=layers.zeros_init(("mlp", "mlp_out")),
+                            bias_init=layers.zeros_init(("mlp_out",)))(nn.silu(c))
+    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
     y = nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h)
     y = _modulate(y, shift, scale)
     y = nn.Dense(width, dtype=self.dtype, name="fc1", kernel_init=layers.dense_init(("mlp", "mlp_out")),
@@ -84,11 +86,18 @@ class FlowHeadNet(nn.Module):
     h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
     c = t_emb + shared_condition(
         dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
+    if self.is_initializing():  # init creates each block's own Dense
+      modulations = [None] * self.depth + [
+          dense(2 * self.width, ("mlp", "mlp_out"), "final_modulation", layers.zeros_init)(
+              nn.silu(c))]
+    else:  # one matmul for every block's modulation (`heads.condition.fused_modulations`)
+      modulations = fused_modulations(
+          nn.meta.unbox(self.variables["params"]),
+          [(f"block_{i}", "modulation") for i in range(self.depth)] + [("final_modulation",)],
+          nn.silu(c), self.dtype)
     for i in range(self.depth):
-      h = _ResBlock(dtype=self.dtype, name=f"block_{i}")(h, c)
-    shift, scale = jnp.split(
-        dense(2 * self.width, ("mlp", "mlp_out"), "final_modulation", layers.zeros_init)(nn.silu(c)),
-        2, axis=-1)
+      h = _ResBlock(dtype=self.dtype, name=f"block_{i}")(h, c, modulations[i])
+    shift, scale = jnp.split(modulations[-1], 2, axis=-1)
     h = _modulate(nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h), shift, scale)
     v = dense(self.token_dim, ("mlp", "token"), "output", layers.zeros_init)(h)
     return v.astype(jnp.float32)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from arjax.models import layers
-from arjax.models.heads.condition import shared_condition
+from arjax.models.heads.condition import fused_modulations, shared_condition
 
 Dtype = Any
 
@@ -85,12 +85,14 @@ class _ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, y):
+  def __call__(self, x, y, modulation=None):
+    """modulation: adaLN_modulation(y) when the parent computed it (fused_modulations)."""
     width = x.shape[-1]
+    if modulation is None:
+      modulation = _dense(3 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype,
+                          zero=True)(nn.silu(y))
     # Chunk order shift, scale, gate (adaLN_modulation(y).chunk(3, dim=-1)).
-    shift, scale, gate = jnp.split(
-        _dense(3 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype, zero=True)(
-            nn.silu(y)), 3, axis=-1)
+    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
     h = _modulate(_layer_norm("in_ln", self.dtype, affine=True)(x), shift, scale)
     h = _dense(width, ("mlp", "mlp_out"), "mlp_0", self.dtype)(h)
     h = _dense(width, ("mlp_out", "mlp"), "mlp_2", self.dtype)(nn.silu(h))
@@ -103,11 +105,12 @@ class _FinalLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, y):
+  def __call__(self, x, y, modulation=None):
     width = x.shape[-1]
-    shift, scale = jnp.split(
-        _dense(2 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype, zero=True)(
-            nn.silu(y)), 2, axis=-1)
+    if modulation is None:
+      modulation = _dense(2 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype,
+                          zero=True)(nn.silu(y))
+    shift, scale = jnp.split(modulation, 2, axis=-1)
     h = _modulate(_layer_norm("norm_final", self.dtype, affine=False)(x), shift, scale)
     return _dense(self.out_channels, ("mlp", "token"), "linear", self.dtype, zero=True)(h)
 
@@ -154,7 +157,13 @@ class MarMLPAdaLN(nn.Module):
     c_emb = _dense(self.model_channels, ("embed", "mlp_out"), "cond_embed", self.dtype)(
         c.astype(self.dtype))
     y = t_emb + shared_condition(c_emb, h.shape[0])
+    owners = [f"res_blocks_{i}" for i in range(self.num_res_blocks)] + ["final_layer"]
+    modulations = [None] * len(owners)
+    if not self.is_initializing():  # init creates each block's own Dense
+      modulations = fused_modulations(
+          nn.meta.unbox(self.variables["params"]),
+          [(owner, "adaLN_modulation_1") for owner in owners], nn.silu(y), self.dtype)
     for i in range(self.num_res_blocks):
-      h = _ResBlock(self.dtype, name=f"res_blocks_{i}")(h, y)
-    out = _FinalLayer(self.out_channels, self.dtype, name="final_layer")(h, y)
+      h = _ResBlock(self.dtype, name=owners[i])(h, y, modulations[i])
+    out = _FinalLayer(self.out_channels, self.dtype, name="final_layer")(h, y, modulations[-1])
     return out.astype(jnp.float32)
