@@ -31,6 +31,7 @@ What is printed (`describe` returns it as a dict, `format_table` prints it):
 """
 import collections
 import copy
+import functools
 import math
 from typing import Optional
 
@@ -129,18 +130,26 @@ def _residual_bytes(config, tokenizer, rows: int) -> int:
                                        jnp.zeros((1,), jnp.int32))["params"]))
   leaves, treedef = jax.tree.flatten(params)
 
-  def forward(*args):
-    *param_leaves, x, y = args
-    loss = lambda p: loss_fn(p, x, y, jax.random.PRNGKey(0))
-    return jax.vjp(loss, jax.tree.unflatten(treedef, param_leaves))
+  def residual_bytes(loss_fn):
+    def forward(*args):
+      *param_leaves, x, y = args
+      loss = lambda p: loss_fn(p, x, y, jax.random.PRNGKey(0))
+      return jax.vjp(loss, jax.tree.unflatten(treedef, param_leaves))
 
-  closed, (_, pullback) = jax.make_jaxpr(forward, return_shape=True)(*leaves, tokens, labels)
-  jaxpr = closed.jaxpr
-  residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(pullback)):]
-  inputs = {id(v) for v in (*jaxpr.invars, *jaxpr.constvars)}
-  unique = {id(v): v for v in residuals
-            if not isinstance(v, jax_core.Literal) and id(v) not in inputs}
-  return sum(v.aval.size * v.aval.dtype.itemsize for v in unique.values())
+    closed, (_, pullback) = jax.make_jaxpr(forward, return_shape=True)(*leaves, tokens, labels)
+    jaxpr = closed.jaxpr
+    residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(pullback)):]
+    inputs = {id(v) for v in (*jaxpr.invars, *jaxpr.constvars)}
+    unique = {id(v): v for v in residuals
+              if not isinstance(v, jax_core.Literal) and id(v) not in inputs}
+    return sum(v.aval.size * v.aval.dtype.itemsize for v in unique.values())
+
+  if config.model.family != "mar" or len(loss_fn.keywords["buckets"]) == 1:
+    return residual_bytes(loss_fn)
+  # MAR's step runs one bucket's branch, forward and backward inside it (masked_ar): its
+  # activations are the largest branch's, not all branches' at once.
+  return max(residual_bytes(functools.partial(loss_fn, branch=i))
+             for i in range(len(loss_fn.keywords["buckets"])))
 
 
 def _depth_fields(config) -> tuple:
@@ -163,8 +172,8 @@ def activation_bytes(config, tokenizer, rules, sizes: dict) -> dict:
   each stack at depth 2 (stacks of equal depth together): a stack's layers save the same
   shapes, so the total is linear in each depth and is extrapolated exactly.
 
-  This counts what the layers really save (MAR's train step keeps the residuals of every
-  bucket of its `lax.switch`; LayerNorm statistics in float32, attention probabilities,
+  This counts what the layers really save (for MAR, the largest of its buckets' branches,
+  each of which runs its own backward pass; LayerNorm statistics in float32, attention probabilities,
   bf16 copies of the weights), but not XLA's temporaries nor how XLA fuses or reuses
   buffers, and residuals are not divided over the `tensor` axis (an upper bound when it
   is > 1): the peak memory of a compiled step can differ either way.

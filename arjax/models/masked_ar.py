@@ -23,7 +23,7 @@ buckets only trade the branch count (compile time, program size) against the pad
 MAR's: padding changes no number.
 """
 import functools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -97,13 +97,17 @@ def head_rows(num_tokens: int, buckets: Sequence[int]) -> Tuple[int, ...]:
 
 def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
                 label_drop: float, mask_ratio_min: float, buckets: Sequence[int],
-                mask_ratio_std: float = 0.25):
+                mask_ratio_std: float = 0.25, branch: Optional[int] = None):
   """Mean head loss over the masked tokens of a MAR training mask drawn from `rng`.
 
   MAR runs its head on all L tokens and weights the unmasked ones by 0. Here the head, and
   the decoder's last block, run only on each image's first `head_rows` positions of its
   random order, which hold its masked tokens (a row past the batch's masked count is
   padding, weighted 0): the same loss, less of the work the zero weights threw away.
+
+  branch: trace only that bucket's branch, as a plain function (`describe` sizes each
+  branch's activations with it); its padding must cover the drawn mask for the loss to be
+  MAR's, so training never sets it.
   """
   batch, num_tokens, dim = tokens.shape
   count_rng, order_rng, drop_rng, head_rng = jax.random.split(rng, 4)
@@ -130,6 +134,8 @@ def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
                       len(buckets) - 1)
   branches = [functools.partial(loss_padded_to, size, rows)
               for size, rows in zip(buckets, head_rows(num_tokens, buckets))]
+  if branch is not None:
+    return branches[branch](params)
   if len(branches) == 1:
     return branches[0](params)
   return _switch_with_gradients_inside(index, branches, params)
