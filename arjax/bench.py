@@ -40,8 +40,8 @@ The report (JSON; `run` returns it as a dict):
   xla_flops_per_call                  that times device_count
   achieved_flops_per_s                flops_per_call / median_s
   peak_flops_per_s                    {'float32', 'bfloat16'}: measured, all devices together
-                                      (on CPU the better of a reading before and after)
-                                      (bfloat16 null on CPU). float32 uses JAX's default
+                                      (bfloat16 null on CPU; on CPU the better of a reading
+                                      before and one after the timed calls). float32 uses JAX's default
                                       matmul precision, as the model does: TF32 on GPUs
   peak_dtype, mfu                     the peak used (compute dtype where measured), and
                                       achieved_flops_per_s / that peak
@@ -165,18 +165,12 @@ def _training_head(h, tokens: int, token_dim: int, cond_width: int, out_dim: int
   return 2 * data_fed + 3 * others
 
 
-def _time_mlp(rows: int, width: int) -> int:
-  """The head's time MLP (256 -> Wh -> Wh) on `rows` rows; part of `_head_net`'s count."""
-  return _matmul(rows, TIME_EMBED_DIM, width) + _matmul(rows, width, width)
-
-
 def _sampling_head(evals: int, calls: int, token_dim: int, cond_width: int, h,
                    out_dim: Optional[int]) -> int:
   """`evals` head-net row evaluations made in `calls` net calls of a sampler: every call
   shares one time t over its rows, which the nets embed once (a scalar t), so the time MLP
   counts once per call, not once per row."""
-  return (sum(_head_net(evals, token_dim, cond_width, h.width, h.depth, out_dim))
-          - _time_mlp(evals, h.width) + _time_mlp(calls, h.width))
+  return sum(_head_net(evals, token_dim, cond_width, h.width, h.depth, out_dim, time_rows=calls))
 
 
 def _vit_blocks(rows: int, keys: int, width: int, mlp_ratio: float, depth: int) -> int:

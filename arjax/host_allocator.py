@@ -50,12 +50,12 @@ def cpu_backend_expected() -> bool:
   return True
 
 
-def keep_freed_memory(force: bool = False) -> bool:
+def keep_freed_memory() -> bool:
   """Sets glibc malloc to keep freed memory (see the module docstring); True if it did.
 
   Does nothing (False) off Linux/glibc, with ARJAX_HOST_MALLOC=system, or when an
-  accelerator backend is expected (unless `force`). Call it before JAX runs anything: the
-  arena setting only reaches threads that have not allocated yet.
+  accelerator backend is expected (unless ARJAX_HOST_MALLOC=keep). Call it before JAX runs
+  anything: the arena setting only reaches threads that have not allocated yet.
   """
   global _applied
   if _applied:
@@ -65,8 +65,7 @@ def keep_freed_memory(force: bool = False) -> bool:
     return False
   if setting not in ("", "keep"):
     raise ValueError(f"{ENV}={setting!r}: use 'keep' (the default on CPU) or 'system'")
-  if not sys.platform.startswith("linux") or not (force or setting == "keep"
-                                                  or cpu_backend_expected()):
+  if not sys.platform.startswith("linux") or not (setting == "keep" or cpu_backend_expected()):
     return False
   try:
     libc = ctypes.CDLL(None)
