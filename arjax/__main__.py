@@ -3,7 +3,7 @@
     python -m arjax bench --config=configs/X.py --mode=train|sample|decode [--batch=N] [--repeats=N]
         [--warmup=N] [--profile=DIR] [--out=FILE] [--workdir=DIR]
 
-times the jitted train step or sampler (see `arjax.bench`); it needs no
+times the jitted train step or sampler (see `arjax.perf.bench`); it needs no
 workdir, and writes its JSON report to --out, else workdir/bench_<mode>.json
 if --workdir is given, else prints only.
 
@@ -22,15 +22,15 @@ imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) int
     python -m arjax describe --config=configs/X.py [--num_devices=N]
 
 prints the config's parameters, FLOPs per train step and per sampled image, and memory per
-device on its mesh, without compiling anything (see `arjax.describe`).
+device on its mesh, without compiling anything (see `arjax.perf.describe`).
 
     python -m arjax serve --workdir=DIR [--config=configs/X.py] [--port=8000] [--host=127.0.0.1]
 
 serves a demo page on http://HOST:PORT/ (class, CFG, temperature, steps, seed -> a sample grid
 and its sampling time) from DIR's newest checkpoint; the config defaults to DIR/config.json
-(see `arjax.serve`).
+(see `arjax.serving.server`).
 
-Multi-host (train, sample, eval; see `arjax.distributed`): every process of the job runs the
+Multi-host (train, sample, eval; see `arjax.parallel.distributed`): every process of the job runs the
 same command, plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
 ARJAX_* environment variables); on TPU pods and under SLURM `srun` the three are detected.
 
@@ -42,9 +42,9 @@ import os
 import shlex
 import sys
 
-from arjax import host_allocator
+from arjax.parallel import host_allocator
 
-# Before anything can start JAX (config files import it): see arjax/host_allocator.py.
+# Before anything can start JAX (config files import it): see arjax/parallel/host_allocator.py.
 host_allocator.keep_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
@@ -116,13 +116,13 @@ def main(argv):
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
   logging.set_verbosity(logging.WARNING)
 
-  from arjax import configs  # imported late: `--help` stays instant
+  from arjax.config import schema as configs  # imported late: `--help` stays instant
 
-  from arjax import distributed
+  from arjax.parallel import distributed
 
   try:
     if command == "serve" and config is None:  # the config the workdir was trained with
-      from arjax import serve
+      from arjax.serving import server as serve
       config = serve.workdir_config(workdir)
     configs.validate(config)
     coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -135,20 +135,20 @@ def main(argv):
 
 def _run(command, config, workdir):
   import jax
-  from arjax.experiment import Experiment
+  from arjax.training.experiment import Experiment
 
   if command == "train":
-    from arjax import train
+    from arjax.training import loop as train
     state = train.train_and_evaluate(config, workdir)
     print(f"trained to step {int(jax.device_get(state.step))}; checkpoints in {workdir}/checkpoints"
           f"; curves {workdir}/train_curves.png")
   elif command == "sample":
-    from arjax import generate
+    from arjax.commands import sample as generate
     result = generate.run(Experiment(config), workdir)
     print(f"{result['num_images']} samples from step {result['step']}: {result['npz']}\n"
           f"grid: {result['png']}\nlabelled grid: {result['labelled_png']}")
   elif command == "eval":
-    from arjax import evaluate_cli
+    from arjax.commands import eval as evaluate_cli
     report = evaluate_cli.run(config, workdir)
     print(report)
   elif command == "cache_latents":
@@ -160,18 +160,18 @@ def _run(command, config, workdir):
           f"{meta['dataset']!r} cached in {out}\n"
           f"train on them: --config.data.latents={out}")
   elif command == "serve":
-    from arjax import serve
+    from arjax.serving import server as serve
     serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value)
   elif command == "describe":
-    from arjax import describe
+    from arjax.perf import describe
     print(describe.format_table(config, describe.describe(config, _NUM_DEVICES.value),
                                 flags.FLAGS["config"].config_filename))
   elif command == "bench":
-    from arjax import bench
+    from arjax.perf import bench
     path = bench.report_path(_MODE.value, _OUT.value, workdir)
     if path is not None:
       # Fail before minutes of compiling and timing, not after.
-      from arjax.workdir import check_workdir
+      from arjax.training.workdir import check_workdir
       check_workdir(os.path.dirname(os.path.abspath(path)))
     report = bench.run(
         config, mode=_MODE.value, batch_size=_BATCH.value, repeats=_REPEATS.value,
@@ -195,7 +195,7 @@ def parse_flags(argv):
     config_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
     if config_arg is None:
       raise
-    from arjax import configs
+    from arjax.config import schema as configs
     config = configs.load(config_arg)
     for arg in argv[1:]:
       if arg.startswith("--config."):

@@ -9,7 +9,7 @@ until a VAE tokenizer lands.
 """
 import os
 
-from arjax import configs
+from arjax.config import schema as configs
 
 
 def get_config(variant: str = ""):

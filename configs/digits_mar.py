@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from arjax import configs
+from arjax.config import schema as configs
 
 
 def mar_model(encoder_width, encoder_depth, encoder_heads, decoder_width, decoder_depth,
@@ -35,7 +35,7 @@ def mar_model(encoder_width, encoder_depth, encoder_heads, decoder_width, decode
   # Mask ratio ~ N(1, mask_ratio_std) truncated to [mask_ratio_min, 1], one per batch.
   m.mask_ratio_min = 0.7
   m.mask_ratio_std = 0.25
-  # Padded encoder sizes compiled into the train step's lax.switch (arjax/models/masked_ar.py).
+  # Padded encoder sizes compiled into the train step's lax.switch (arjax/families/masked/model.py).
   m.mask_buckets = 4
   # Blocks under one nn.scan each for encoder and decoder, and the remat policy (see
   # configs/digits.py); unrolled keeps MAR's per-block parameter names.
@@ -82,7 +82,7 @@ def _full_size(config):
 
   # 16 tokens of dim 4; 16 steps = one token per step, like the causal model.
   config.sample.num_iter = 16
-  # Sampler encoder paddings (arjax/mar_sampling.py `segments`).
+  # Sampler encoder paddings (arjax/families/masked/sampler.py `segments`).
   config.sample.kept_buckets = 4
   # Under this law about half the tokens are targets of a step (the causal model trains on
   # all 16): more steps for the same data budget.

@@ -7,16 +7,17 @@ config to validate and inspect:
 
 Pixel patches stand in until the KL-16 VAE tokenizer lands (then 16x16 latents of dim 16).
 
-Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/config/hardware.py says why each mesh)
 set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
   python -m arjax describe --config=configs/imagenet256.py:v5p-32
 """
 import os
 
-from arjax import configs, hardware
+from arjax.config import schema as configs
+from arjax.config import hardware
 
 # Global batch per hardware variant where the recipe's 1024 does not fit (the rule in
-# arjax/hardware.py): 64 images per GPU, 0.73 GiB of saved activations each.
+# arjax/config/hardware.py): 64 images per GPU, 0.73 GiB of saved activations each.
 BATCH_ON_HARDWARE = {"h100x8": 512}
 
 

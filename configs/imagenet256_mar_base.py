@@ -15,7 +15,7 @@ Needs the KL-16 weights (`kl16.ckpt` from MAR's release, or its arjax conversion
 Not reproduced: MAR's attention/projection dropout (0.1 in training), see the MAR notes in
 README.md. The large and huge configs change only the sizes and the CFG scale.
 
-Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/config/hardware.py says why each mesh)
 set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
   python -m arjax describe --config=configs/imagenet256_mar_base.py:v5p-32
 """
@@ -23,13 +23,14 @@ import os
 
 import ml_collections
 
-from arjax import configs, hardware
+from arjax.config import schema as configs
+from arjax.config import hardware
 
 # 1,281,167 ImageNet train images / 2048 per batch.
 STEPS_PER_EPOCH = 626
 
 # Global batch per hardware variant where the recipe's 2048 does not fit (the rule in
-# arjax/hardware.py): 64 images per device, 0.86 GiB of saved activations each.
+# arjax/config/hardware.py): 64 images per device, 0.86 GiB of saved activations each.
 BATCH_ON_HARDWARE = {"v5p-32": 1024, "h100x8": 512}
 
 # name -> (width, depth, heads, head width, head depth, sampling cfg)
@@ -100,7 +101,7 @@ def mar_imagenet256(size: str):
 
 def get_config(variant: str = ""):
   """variant: '' (base), 'large' / 'huge' as loaded by their own config files, or a
-  hardware variant of MAR-B (arjax.hardware.HARDWARE)."""
+  hardware variant of MAR-B (arjax.config.hardware.HARDWARE)."""
   if variant in SIZES:
     return mar_imagenet256(variant)
   return hardware.hardware_variant(

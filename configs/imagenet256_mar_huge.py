@@ -2,16 +2,17 @@
 
 Encoder/decoder 1280 wide, 20 blocks, 16 heads; DiffLoss 12 x 1536; linear CFG 3.2 (FID 1.55).
 
-Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/hardware.py says why each mesh)
+Hardware variants (`:v5p-32`, `:v5p-128`, `:h100x8`; arjax/config/hardware.py says why each mesh)
 set the mesh, bf16 compute and a batch that fits; see docs/presets.md for the figures:
   python -m arjax describe --config=configs/imagenet256_mar_huge.py:v5p-32
 """
 import os
 
-from arjax import configs, hardware
+from arjax.config import schema as configs
+from arjax.config import hardware
 
 # Global batch per hardware variant where the recipe's 2048 does not fit (the rule in
-# arjax/hardware.py): 16 images per device, 2.4 GiB of saved activations each.
+# arjax/config/hardware.py): 16 images per device, 2.4 GiB of saved activations each.
 BATCH_ON_HARDWARE = {"v5p-32": 256, "v5p-128": 1024, "h100x8": 128}
 
 

@@ -21,7 +21,7 @@ Variant ':smoke' shrinks everything for tests of the preset's plumbing.
 """
 import os
 
-from arjax import configs
+from arjax.config import schema as configs
 
 
 def get_config(variant: str = ""):

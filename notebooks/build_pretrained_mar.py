@@ -17,7 +17,7 @@ You need two files from MAR's README ("Installation" / pre-trained models):
 `pretrained_models/vae/kl16.ckpt` (the KL-16 tokenizer) and
 `pretrained_models/mar/mar_base/checkpoint-last.pth` (or mar_large / mar_huge; set `CONFIG` to
 match). `.pth`/`.ckpt` files are read by arjax's own restricted unpickler: torch is not
-needed, and a pickle that would run code is refused (see `arjax/convert/torch_zip.py`).
+needed, and a pickle that would run code is refused (see `arjax/weights/torch_zip.py`).
 
 Sampling MAR-B takes seconds on a GPU and many minutes on a CPU; lower `NUM_ITER` to go faster.
 Without checkpoint paths the notebook prints how to get them and does nothing else."""
@@ -48,7 +48,7 @@ if not READY:
 
 CONVERT = """\
 if READY:
-  from arjax import configs
+  from arjax.config import schema as configs
   from arjax.convert import official
 
   vae_dir, mar_dir = os.path.join(OUT, "kl16"), os.path.join(OUT, "mar")
@@ -68,9 +68,9 @@ if READY:
   import jax
   import numpy as np
 
-  from arjax import generate
+  from arjax.commands import sample as generate
   from arjax.data import pipeline
-  from arjax.experiment import Experiment
+  from arjax.training.experiment import Experiment
 
   config.sample.num_iter = NUM_ITER
   exp = Experiment(config)
@@ -87,7 +87,7 @@ if READY:
   from IPython.display import display
   from PIL import Image
 
-  from arjax.image_grid import make_grid
+  from arjax.util.image_grid import make_grid
 
   grid = Image.fromarray(make_grid(images, num_rows=2, upscale=1))
   grid.save(os.path.join(OUT, "classes.png"))

@@ -42,11 +42,13 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from arjax import configs, generate, train
+from arjax.config import schema as configs
+from arjax.commands import sample as generate
+from arjax.training import loop as train
 from arjax.data import pipeline
-from arjax.experiment import Experiment
-from arjax.image_grid import make_grid
-from arjax.tensorboard_scalars import read_scalars
+from arjax.training.experiment import Experiment
+from arjax.util.image_grid import make_grid
+from arjax.training.tensorboard_scalars import read_scalars
 
 WORKDIR = os.path.join(REPO, WORKDIR)
 config = configs.load(os.path.join(REPO, CONFIG))

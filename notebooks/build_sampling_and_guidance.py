@@ -42,11 +42,14 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from arjax import checkpoint, configs, generate, train
+from arjax.training import checkpoint
+from arjax.config import schema as configs
+from arjax.commands import sample as generate
+from arjax.training import loop as train
 from arjax.data import pipeline
-from arjax.experiment import Experiment
-from arjax.image_grid import make_grid
-from arjax.sampling import Sampler, cfg_schedule
+from arjax.training.experiment import Experiment
+from arjax.util.image_grid import make_grid
+from arjax.families.causal.sampler import Sampler, cfg_schedule
 
 WORKDIR = os.path.join(REPO, WORKDIR)
 config = configs.load(os.path.join(REPO, CONFIG))

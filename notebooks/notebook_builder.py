@@ -35,8 +35,8 @@ if REPO is None:
                           "start Jupyter in the arjax repository or its notebooks/ folder")
 
 # On a CPU runtime, keep freed host memory in the process, as `python -m arjax` does (before
-# JAX runs anything; see arjax/host_allocator.py): a train step is up to 2x faster.
-from arjax import host_allocator
+# JAX runs anything; see arjax/parallel/host_allocator.py): a train step is up to 2x faster.
+from arjax.parallel import host_allocator
 host_allocator.keep_freed_memory()"""
 
 PARAMETERS_TAG = "parameters"

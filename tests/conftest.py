@@ -22,9 +22,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Keep TFDS quiet and off the network: nothing in the tests may download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
-# Freed host memory stays in the process, as `python -m arjax` keeps it (arjax/host_allocator.py):
+# Freed host memory stays in the process, as `python -m arjax` keeps it (arjax/parallel/host_allocator.py):
 # without it every large XLA:CPU temporary is page-faulted in afresh on every call.
-from arjax import host_allocator  # noqa: E402
+from arjax.parallel import host_allocator  # noqa: E402
 
 host_allocator.keep_freed_memory()
 
@@ -52,7 +52,8 @@ def smoke_run(data_dir, tmp_path_factory):
   Shared by tests that only read it (a second run to compare with, a workdir that refused
   requests must leave alone); none may write into it.
   """
-  from arjax import configs, train
+  from arjax.config import schema as configs
+  from arjax.training import loop as train
 
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.data.data_dir = data_dir

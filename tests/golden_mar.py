@@ -8,8 +8,8 @@ one parametrized test.
 * `GoldenCheck`: one file's arrays and every comparison made against them. Failures are
   collected, not raised, so one run reports all of them; every `out/*` key a comparison
   touches is recorded, so a key that no check knows is reported too (`unchecked`).
-* `import_mar`: the file's `param/*` through the converters (`arjax.convert.mar_backbone`,
-  `arjax.convert.mar_head`), as a `MaskedARModel` parameter tree.
+* `import_mar`: the file's `param/*` through the converters (`arjax.families.masked.weights`,
+  `arjax.heads.mar_mlp_weights`), as a `MaskedARModel` parameter tree.
 
 Tolerances, by the golden array's dtype (the README's noise-floor column): integer and bool
 arrays exactly; float64 (diffusion tables, mask ratios) within ATOL_FLOAT64 absolute; float32
@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from arjax.convert.mar_backbone import backbone_from_config, backbone_params_from_state_dict
-from arjax.convert.mar_head import diffloss_params_from_state_dict, net_from_state_dict
-from arjax.models.heads import MarDiffusion
-from arjax.models.masked_ar import MaskedARModel
+from arjax.families.masked.weights import backbone_from_config, backbone_params_from_state_dict
+from arjax.heads.mar_mlp_weights import diffloss_params_from_state_dict, net_from_state_dict
+from arjax.heads import MarDiffusion
+from arjax.families.masked.model import MaskedARModel
 from conftest import REPO_ROOT
 
 GOLDEN_DIR = pathlib.Path(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.models import mar
+from arjax.families.masked import backbone as mar
 
 # Golden keys `out/<name>` compared with the backbone's sown intermediate `<name>`.
 _BACKBONE_OUTPUTS = ("out/enc_", "out/dec_", "out/encoder", "out/decoder_z")

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.models.heads import diffusion
-from arjax.models.heads.mar_mlp import mar_timestep_embedding
+from arjax.heads import diffusion
+from arjax.heads.mar_mlp import mar_timestep_embedding
 
 
 def _net_fn(net, params):

@@ -22,9 +22,9 @@ import re
 import jax
 import numpy as np
 
-from arjax import mar_sampling
-from arjax.models import mar
-from arjax.models.masked_ar import mask_by_order
+from arjax.families.masked import sampler as mar_sampling
+from arjax.families.masked import backbone as mar
+from arjax.families.masked.model import mask_by_order
 
 KEPT_BUCKETS = (1, 2)
 _SCHEDULE_KEY = re.compile(r"out/schedule/L(\d+)_it(\d+)/(.+)")

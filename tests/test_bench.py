@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from arjax import bench, configs, sharding, train
+from arjax.perf import bench
+from arjax.config import schema as configs
+from arjax.parallel import sharding
+from arjax.training import loop as train
 from conftest import REPO_ROOT
 
 SMOKE = str(REPO_ROOT / "configs/digits.py:smoke")
@@ -100,7 +103,7 @@ def test_analytic_decode_flops_match_the_compiled_token_step():
   """One decode token step's FLOP model against the dots XLA compiles for the backbone's
   KV-cached step (the head's evaluations run in a loop, counted by the train-step test)."""
   import jax.numpy as jnp
-  from arjax.models.ar_model import ARModel
+  from arjax.families.causal.model import ARModel
   config = configs.load(SMOKE)
   config.model.update(width=64, depth=2, num_heads=2, num_class_tokens=3)
   config.sample.cfg_scale = 1.0
@@ -188,7 +191,7 @@ def test_cli_bench_writes_report(tmp_path):
 def test_analytic_mar_backbone_flops_match_the_compiled_forward():
   """MAR's encoder + decoder FLOP model against the dots XLA compiles, for one mask."""
   import jax.numpy as jnp
-  from arjax.models.masked_ar import MaskedARModel, mask_by_order, random_orders
+  from arjax.families.masked.model import MaskedARModel, mask_by_order, random_orders
   config = configs.load(str(REPO_ROOT / "configs/digits_mar.py:smoke"))
   config.model.update(encoder_width=64, decoder_width=96, encoder_heads=2, decoder_heads=2,
                       encoder_depth=2, decoder_depth=1)

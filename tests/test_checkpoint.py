@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from arjax import checkpoint, configs
+from arjax.training import checkpoint
+from arjax.config import schema as configs
 from arjax.data import pipeline
 from conftest import REPO_ROOT
 

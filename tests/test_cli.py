@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arjax import plots
+from arjax.evaluation import plots
 
 from conftest import REPO_ROOT
 

@@ -5,8 +5,9 @@ import flax.linen as nn
 import ml_collections
 import pytest
 
-from arjax import configs, tokenizers
-from arjax.models import ar_model
+from arjax.config import schema as configs
+from arjax import tokenizers
+from arjax.families.causal import model as ar_model
 from conftest import REPO_ROOT
 
 CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py"]

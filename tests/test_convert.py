@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from arjax.convert import state_dict as state_dict_lib
-from arjax.convert.mar_head import diffloss_params_from_state_dict
+from arjax.weights import state_dict as state_dict_lib
+from arjax.heads.mar_mlp_weights import diffloss_params_from_state_dict
 
 EXPECTED = {
     "fc.weight": (("fc", "kernel"), (3, 2), np.float32),

@@ -43,7 +43,7 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 def arjax(*args, check=True):
   # One device: the commands behave the same on any mesh (restore re-shards onto the reader's,
-  # see arjax/checkpoint.py), and an 8-device Orbax save alone compiles for ~10 s more.
+  # see arjax/training/checkpoint.py), and an 8-device Orbax save alone compiles for ~10 s more.
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run([sys.executable, "-m", "arjax", *args], cwd=REPO_ROOT, env=env,
@@ -98,7 +98,7 @@ def write_official_mar_pth(path, model, ema, args, epoch=EPOCH):
 
 def tiny_config(**fields):
   """The base config at mar_tiny's token geometry (and its sizes, when given as fields)."""
-  from arjax import configs
+  from arjax.config import schema as configs
   config = configs.load(os.path.join(REPO_ROOT, BASE_CONFIG))
   config.data.image_size, config.tokenizer.patch_size = 16, 4
   for field, value in fields.items():
@@ -130,8 +130,9 @@ def converted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restored(converted):
   """The converted dir read back as `sample` reads it, on this process's 8-device mesh."""
-  from arjax import configs, generate
-  from arjax.experiment import Experiment
+  from arjax.config import schema as configs
+  from arjax.commands import sample as generate
+  from arjax.training.experiment import Experiment
 
   out = converted[0]
   exp = Experiment(configs.load(str(out / "config.py")))
@@ -174,7 +175,7 @@ def test_restored_params_and_ema_are_exactly_the_converters_mapping(converted, r
 
 @needs_golden
 def test_restored_model_reproduces_the_official_decoder_z(restored):
-  from arjax.models.masked_ar import MaskedARModel
+  from arjax.families.masked.model import MaskedARModel
 
   exp, params, _, _ = restored
   with np.load(MAR_GOLDEN, allow_pickle=False) as d:
@@ -191,10 +192,10 @@ def test_restored_model_reproduces_the_official_decoder_z(restored):
 def test_official_weights_load_into_scanned_blocks_and_reproduce_the_decoder_z(converted):
   """With model.scan_layers the converter stacks MAR's per-block weights on the 'layers' axis;
   the scanned encoder/decoder then give the official decoder z as the unrolled ones do."""
-  from arjax import configs
+  from arjax.config import schema as configs
   from arjax.convert import official
-  from arjax.experiment import Experiment
-  from arjax.models.masked_ar import MaskedARModel
+  from arjax.training.experiment import Experiment
+  from arjax.families.masked.model import MaskedARModel
 
   config = configs.load(str(converted[0] / "config.py"))
   config.model.scan_layers = True
@@ -259,7 +260,7 @@ def test_token_geometry_mismatch_names_the_tokenizer_fields(tmp_path):
 
 @needs_golden
 def test_vae_tokenizer_config_without_vae_weights_says_to_convert_them_first(tmp_path):
-  from arjax import configs
+  from arjax.config import schema as configs
   from arjax.convert import official
 
   source = write_official_mar(tmp_path / "ckpt.npz", golden_state_dict(MAR_GOLDEN))
@@ -291,7 +292,7 @@ def test_corrupted_key_set_fails_naming_every_key(tmp_path):
 
 def test_one_state_dict_is_used_for_both_and_said_so():
   from arjax.convert import official
-  from arjax.convert.state_dict import Checkpoint
+  from arjax.weights.state_dict import Checkpoint
 
   sd = {"z_proj.weight": np.zeros((2, 2))}
   said = []
@@ -305,7 +306,7 @@ def test_one_state_dict_is_used_for_both_and_said_so():
 
 
 def test_args_set_the_model_from_its_name_and_leave_sampling_alone():
-  from arjax import configs
+  from arjax.config import schema as configs
   from arjax.convert import official
 
   base = configs.load(os.path.join(REPO_ROOT, BASE_CONFIG))
@@ -330,7 +331,7 @@ def test_args_set_the_model_from_its_name_and_leave_sampling_alone():
 
 
 def test_flat_npz_convention_groups_metadata_and_unread_groups(tmp_path):
-  from arjax.convert.state_dict import load_checkpoint
+  from arjax.weights.state_dict import load_checkpoint
 
   path = tmp_path / "c.npz"
   np.savez(path, **{"model/a.weight": np.ones(2), "model_ema/a.weight": np.zeros(2),
@@ -343,7 +344,7 @@ def test_flat_npz_convention_groups_metadata_and_unread_groups(tmp_path):
 
 
 def test_unknown_suffix_and_missing_file_are_named(tmp_path):
-  from arjax.convert.state_dict import CheckpointError, load_checkpoint
+  from arjax.weights.state_dict import CheckpointError, load_checkpoint
 
   with pytest.raises(CheckpointError, match=r"weights.h5: unknown checkpoint format '.h5'"):
     load_checkpoint(tmp_path / "weights.h5")
@@ -376,7 +377,7 @@ class _RunsCode:
 def test_pth_from_torch_save_is_read_and_code_is_refused(tmp_path, capfd):
   import argparse
   import torch
-  from arjax.convert.state_dict import CheckpointError, load_checkpoint
+  from arjax.weights.state_dict import CheckpointError, load_checkpoint
 
   weights = {"z_proj.weight": torch.ones(2, 3), "z_proj.bias": torch.zeros(2)}
   official = {"model": weights, "model_ema": {k: v + 1 for k, v in weights.items()},
@@ -416,7 +417,7 @@ def write_official_vae(path, suffix=".npz"):
 def test_vae_round_trip_through_orbax(tmp_path):
   import orbax.checkpoint as ocp
   from arjax.convert import official
-  from arjax.convert import vae as convert_vae
+  from arjax.tokenizers import kl_vae_weights as convert_vae
   from arjax.tokenizers import kl_vae
 
   sd = write_official_vae(tmp_path / "kl16.npz")
@@ -444,7 +445,7 @@ def test_vae_round_trip_through_orbax(tmp_path):
 
 def test_default_vae_architecture_is_inferred_as_mar_kl16():
   from arjax.convert import official
-  from arjax.convert import vae as convert_vae
+  from arjax.tokenizers import kl_vae_weights as convert_vae
   from arjax.tokenizers import kl_vae
 
   shapes = convert_vae._expected(kl_vae.KLVAEConfig())

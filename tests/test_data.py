@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from arjax import configs
+from arjax.config import schema as configs
 from arjax.data import digits, pipeline
 from conftest import REPO_ROOT
 

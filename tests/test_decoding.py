@@ -7,10 +7,11 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from arjax import configs, tokenizers
-from arjax.models import ar_model
-from arjax.models.ar_model import ARModel
-from arjax.sampling import sample_tokens
+from arjax.config import schema as configs
+from arjax import tokenizers
+from arjax.families.causal import model as ar_model
+from arjax.families.causal.model import ARModel
+from arjax.families.causal.sampler import sample_tokens
 from conftest import REPO_ROOT
 
 

@@ -10,8 +10,12 @@ import jax
 import ml_collections
 import pytest
 
-from arjax import bench, configs, describe, hardware, sharding
-from arjax.experiment import Experiment
+from arjax.perf import bench
+from arjax.config import schema as configs
+from arjax.perf import describe
+from arjax.config import hardware
+from arjax.parallel import sharding
+from arjax.training.experiment import Experiment
 from conftest import REPO_ROOT
 
 

@@ -3,7 +3,7 @@
 Training: two fresh runs log identical loss curves (read back from their TensorBoard event
 files) and end in bit-identical states. Sampling: the same seed gives bit-identical images,
 and a request split into batches of 8 gives the images of one batch of 20, because each
-image draws its noise from (seed, image index) (arjax/sampling.py, "Seeds"). Bit-identity
+image draws its noise from (seed, image index) (arjax/families/causal/sampler.py, "Seeds"). Bit-identity
 across batch sizes is not promised: XLA may order a reduction differently for another batch
 shape. Observed on CPU: the causal sampler and MAR with the DDPM head give identical bits,
 MAR with the flow head differs by <= 1e-6 in [-1, 1]; the tests allow 1e-5 (the heads alone,
@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax import configs, generate, train
-from arjax.experiment import Experiment
-from arjax.models.heads import FlowMatching, MarDiffusion, noise
+from arjax.config import schema as configs
+from arjax.commands import sample as generate
+from arjax.training import loop as train
+from arjax.training.experiment import Experiment
+from arjax.heads import FlowMatching, MarDiffusion, noise
 from conftest import REPO_ROOT, SMOKE_RUN_STEPS
 
 # Float images are in [-1, 1]: 1e-5 is ~1/400 of a uint8 level.
@@ -125,7 +127,7 @@ def test_mar_images_do_not_depend_on_the_batch_split():
 @pytest.mark.parametrize("head", [FlowMatching(token_dim=4), MarDiffusion(token_dim=4)],
                          ids=["flow", "ddpm"])
 def test_a_heads_rows_drawn_from_per_row_keys_are_those_rows_sampled_alone(head):
-  """The head contract behind the samplers' independence (arjax/models/heads/noise.py)."""
+  """The head contract behind the samplers' independence (arjax/heads/noise.py)."""
   # A stand-in network, row-wise in x, t and z (DDPM: eps and the learned-range variance).
   def net_fn(x_t, t, z):
     # t is [N] in training and a scalar shared by the rows in sampling (the head contract).

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from arjax import evaluate as ev
-from arjax import feature_classifier as fc
+from arjax.evaluation import metrics as ev
+from arjax.evaluation import feature_classifier as fc
 
 NAME = "digits"
 

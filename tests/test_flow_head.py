@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from arjax.models.heads import FlowHeadNet, FlowMatching
+from arjax.heads import FlowHeadNet, FlowMatching
 
 MEANS = np.array([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]], np.float32)
 COVS = np.array([[[0.5, 0.3], [0.3, 0.5]], [[0.3, 0.0], [0.0, 0.1]], [[0.2, -0.1], [-0.1, 0.6]]],

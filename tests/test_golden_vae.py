@@ -1,7 +1,7 @@
 """KL VAE port vs the official PyTorch MAR `models/vae.py` AutoencoderKL (golden files).
 
 Every `vae_*.npz` in $ARJAX_GOLDEN_DIR (default <repo>/../shared/golden) is one test id; its
-`param/*` state_dict goes through `arjax.convert.vae` and every `out/*` array it holds must be
+`param/*` state_dict goes through `arjax.tokenizers.kl_vae_weights` and every `out/*` array it holds must be
 reproduced from `in/img` (README: "VAE (models/vae.py)"). Golden arrays are NCHW, the port is
 NHWC, so goldens are compared after `transpose(0, 2, 3, 1)`.
 """
@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from arjax.convert import vae as convert_vae
+from arjax.tokenizers import kl_vae_weights as convert_vae
 from arjax.tokenizers import kl_vae
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

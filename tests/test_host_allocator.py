@@ -1,4 +1,4 @@
-"""arjax.host_allocator: on the CPU backend freed memory stays in the process, so a jitted
+"""arjax.parallel.host_allocator: on the CPU backend freed memory stays in the process, so a jitted
 call's large temporaries are not faulted in afresh on every call."""
 import os
 import subprocess
@@ -7,13 +7,13 @@ import textwrap
 
 import pytest
 
-from arjax import host_allocator
+from arjax.parallel import host_allocator
 
 # A backward pass over 32 MiB activations (at glibc's mmap limit): the minor page faults of
 # each of 8 calls after two warm-up ones.
 _PROBE = textwrap.dedent("""
     import resource
-    from arjax import host_allocator
+    from arjax.parallel import host_allocator
     print("applied", host_allocator.keep_freed_memory())
     import jax, jax.numpy as jnp
     def loss(w, x):

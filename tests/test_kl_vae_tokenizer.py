@@ -9,7 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from arjax import configs, tokenizers, train_step
+from arjax.config import schema as configs
+from arjax import tokenizers
+from arjax.training import step as train_step
 from arjax.tokenizers import kl_vae
 from conftest import REPO_ROOT
 from vae_testing import tiny_params, vae_config, write_npz
@@ -51,7 +53,7 @@ def test_config_builds_the_tokenizer_from_a_state_dict_npz(tmp_path):
 def test_a_release_file_nesting_the_state_dict_under_model_loads_as_is(tmp_path):
   """kl16.ckpt's layout, {'model': state_dict} with the LDM loss's weights beside the VAE's
   (as .npz: `model/<name>` keys), loads without converting first; `loss.*` is left out."""
-  from arjax.convert.vae import state_dict_from_vae_params
+  from arjax.tokenizers.kl_vae_weights import state_dict_from_vae_params
   params = tiny_params()
   nested = {f"model/{k}": v for k, v in state_dict_from_vae_params(params).items()}
   nested["model/loss.discriminator.main.0.weight"] = np.zeros((4, 3, 4, 4), np.float32)

@@ -15,7 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from arjax import configs, tokenizers, train
+from arjax.config import schema as configs
+from arjax import tokenizers
+from arjax.training import loop as train
 from arjax.data import latents, pipeline
 from conftest import REPO_ROOT
 from vae_testing import tiny_params, vae_config, write_npz

@@ -9,10 +9,12 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from arjax import configs, tokenizers
-from arjax.experiment import Experiment
-from arjax.models import ar_model, layers
-from arjax.sampling import sample_tokens
+from arjax.config import schema as configs
+from arjax import tokenizers
+from arjax.training.experiment import Experiment
+from arjax.families.causal import model as ar_model
+from arjax.layers import transformer as layers
+from arjax.families.causal.sampler import sample_tokens
 from tests.conftest import REPO_ROOT
 
 

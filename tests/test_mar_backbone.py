@@ -1,4 +1,4 @@
-"""MAR's encoder/decoder backbone (`arjax.models.mar.MarBackbone`) and its converter.
+"""MAR's encoder/decoder backbone (`arjax.families.masked.backbone.MarBackbone`) and its converter.
 
 Static shapes (one compiled encoder per kept count), the gather that replaces MAR's boolean
 indexing, the converter's error report, and the logical axes every parameter carries.
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.convert.mar_backbone import backbone_params_from_state_dict
-from arjax.models import mar
+from arjax.families.masked.weights import backbone_params_from_state_dict
+from arjax.families.masked import backbone as mar
 from conftest import REPO_ROOT
 from golden_mar import GOLDEN_DIR, GOLDEN_FILES
 
@@ -102,7 +102,7 @@ def test_converter_names_every_bad_key():
 
 def test_every_parameter_has_known_logical_axes():
   import flax.linen as nn
-  from arjax import configs
+  from arjax.config import schema as configs
   model = _small_backbone()
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 16, 4)), jnp.zeros((1, 16), bool),

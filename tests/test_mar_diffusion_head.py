@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from arjax.models.heads.diffusion import MarDiffusion
-from arjax.models.heads.mar_mlp import MarMLPAdaLN
+from arjax.heads.diffusion import MarDiffusion
+from arjax.heads.mar_mlp import MarMLPAdaLN
 
 MEANS = np.array([[-1.0, 0.0], [1.0, 0.3], [0.0, -1.0]], np.float32)
 STD = 0.15
@@ -105,8 +105,8 @@ def test_guidance_scale_one_and_supplied_noise(trained):
 def test_the_causal_model_samples_with_the_ddpm_head():
   """Head choice is config for both families: the causal sampler takes the DDPM head too
   (it has no ODE solver for `sample.solver` to set)."""
-  from arjax import configs
-  from arjax.experiment import Experiment
+  from arjax.config import schema as configs
+  from arjax.training.experiment import Experiment
   from conftest import REPO_ROOT
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   with config.unlocked():
@@ -143,7 +143,7 @@ def test_integer_timesteps_embed_through_a_table_with_the_same_numbers():
 def test_a_condition_shared_by_k_rows_is_the_repeated_condition(net_name):
   """z with one row per k consecutive rows of x_t (a token's batch_mul draws) gives the net
   of the repeated z; a row count that is no divisor is an error saying what was expected."""
-  from arjax.models.heads import FlowHeadNet
+  from arjax.heads import FlowHeadNet
   net = (MarMLPAdaLN(in_channels=2, model_channels=32, z_channels=3, num_res_blocks=1)
          if net_name == "mar" else FlowHeadNet(token_dim=2, width=32, depth=1))
   rng = jax.random.PRNGKey(0)
@@ -159,7 +159,7 @@ def test_a_condition_shared_by_k_rows_is_the_repeated_condition(net_name):
 
 def test_fused_modulations_are_each_blocks_own_dense():
   """One matmul over the side-by-side kernels gives, column for column, each Dense's output."""
-  from arjax.models.heads import condition
+  from arjax.heads import condition
   rng = jax.random.split(jax.random.PRNGKey(0), 5)
   params = {"block_0": {"mod": {"kernel": jax.random.normal(rng[0], (8, 24)),
                                 "bias": jax.random.normal(rng[1], (24,))}},

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from arjax import mar_sampling
+from arjax.families.masked import sampler as mar_sampling
 
 
 def _padded_rows(schedule, bounds):

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax import configs, sharding, train
-from arjax.models import masked_ar
-from arjax.models.mar import MarBackbone
+from arjax.config import schema as configs
+from arjax.parallel import sharding
+from arjax.training import loop as train
+from arjax.families.masked import model as masked_ar
+from arjax.families.masked.backbone import MarBackbone
 from conftest import REPO_ROOT
 
 

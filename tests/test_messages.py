@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from arjax import configs, progress
+from arjax.config import schema as configs
+from arjax.util import progress
 from conftest import REPO_ROOT
 
 
@@ -58,7 +59,7 @@ def test_progress_mode_follows_the_terminal_and_the_environment(monkeypatch):
 
 def test_train_says_what_it_runs_on_before_compiling_and_whether_it_resumes(
     tmp_path, data_dir, capsys):
-  from arjax import train
+  from arjax.training import loop as train
 
   config = smoke(data__data_dir=data_dir, train__sample_every=0)
   workdir = str(tmp_path / "run")
@@ -102,7 +103,7 @@ def test_an_unknown_key_in_a_config_names_the_nearest_field():
 
 
 def test_a_batch_the_devices_do_not_divide_names_the_field_and_the_multiples_that_fit():
-  from arjax.experiment import Experiment
+  from arjax.training.experiment import Experiment
 
   with pytest.raises(configs.ConfigError) as e:
     Experiment(smoke(train__global_batch_size=12, mesh__shape=(1, 8, 1)))
@@ -112,7 +113,7 @@ def test_a_batch_the_devices_do_not_divide_names_the_field_and_the_multiples_tha
 
 
 def test_a_mesh_for_other_devices_says_how_to_fill_the_devices_present():
-  from arjax import sharding
+  from arjax.parallel import sharding
 
   with pytest.raises(configs.ConfigError, match=r"needs 16 devices, 8 are present: give one axis "
                      r"-1 .* --config.mesh.shape='\(-1,1,1\)'"):
@@ -130,8 +131,9 @@ def test_a_dataset_not_prepared_says_how_to_prepare_it_or_where_to_point(tmp_pat
 
 
 def test_sample_and_eval_on_an_empty_workdir_say_which_command_to_run_first(tmp_path, data_dir):
-  from arjax import evaluate_cli, generate
-  from arjax.experiment import Experiment
+  from arjax.commands import eval as evaluate_cli
+  from arjax.commands import sample as generate
+  from arjax.training.experiment import Experiment
 
   workdir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"holds no checkpoint: train first \(python -m "

@@ -15,8 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from arjax import checkpoint, configs, distributed, plots, train
-from arjax.experiment import Experiment
+from arjax.training import checkpoint
+from arjax.config import schema as configs
+from arjax.parallel import distributed
+from arjax.evaluation import plots
+from arjax.training import loop as train
+from arjax.training.experiment import Experiment
 from tests.conftest import REPO_ROOT
 
 STEPS = 4

@@ -132,7 +132,7 @@ def has_image(cell) -> bool:
 
 def check_quickstart(nb, values):
   """The loss curve is read from the smoke run's workdir: every step logged, finite losses."""
-  from arjax.tensorboard_scalars import read_scalars
+  from arjax.training.tensorboard_scalars import read_scalars
 
   steps, loss = read_scalars(values["WORKDIR"])["train/loss"]
   assert list(steps) == [1, 2, 3, 4]  # configs/digits.py:smoke logs every step
@@ -143,7 +143,7 @@ def check_quickstart(nb, values):
 
 def check_sampling_and_guidance(nb, values):
   """With no checkpoint in WORKDIR, the notebook trained its own model there first."""
-  from arjax import checkpoint
+  from arjax.training import checkpoint
 
   assert checkpoint.committed_steps(checkpoint.checkpoint_dir(values["WORKDIR"])) == [2, 4]
 

@@ -1,4 +1,4 @@
-"""Pictures of a run (arjax/plots.py): training curves, labelled class grids, the eval report.
+"""Pictures of a run (arjax/evaluation/plots.py): training curves, labelled class grids, the eval report.
 
 The command-line flow (sample, eval writing their pictures) is checked end to end in
 tests/test_cli.py; here the pictures' content is pinned down on small arrays.
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arjax import evaluate, generate, plots
+from arjax.evaluation import metrics as evaluate
+from arjax.commands import sample as generate
+from arjax.evaluation import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

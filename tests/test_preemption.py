@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from arjax.preemption import PreemptionNotice
+from arjax.training.preemption import PreemptionNotice
 from conftest import REPO_ROOT
 
 
@@ -33,7 +33,7 @@ import jax
 process_id, port = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=process_id)
-from arjax.preemption import PreemptionNotice
+from arjax.training.preemption import PreemptionNotice
 with PreemptionNotice() as notice:
   print("ready", flush=True)
   for step in range(1, 100_000):

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from arjax import configs
+from arjax.config import schema as configs
 from conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"

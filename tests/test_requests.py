@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from arjax import configs, train_state
-from arjax.experiment import Experiment
-from arjax.mar_sampling import MarSampler
-from arjax.sampling import Sampler
-from arjax.workdir import DiskSpaceError, check_free_space, free_bytes
+from arjax.config import schema as configs
+from arjax.training import state as train_state
+from arjax.training.experiment import Experiment
+from arjax.families.masked.sampler import MarSampler
+from arjax.families.causal.sampler import Sampler
+from arjax.training.workdir import DiskSpaceError, check_free_space, free_bytes
 from conftest import REPO_ROOT
 
 
@@ -152,7 +153,7 @@ def test_too_little_free_space_fails_naming_workdir_free_and_needed_bytes(smoke_
 
 @pytest.mark.parametrize("workdir", ["gs://bucket/run", "s3://bucket/run"])
 def test_a_url_workdir_is_refused_before_anything_is_made(workdir, tmp_path, monkeypatch):
-  from arjax.workdir import check_workdir
+  from arjax.training.workdir import check_workdir
 
   monkeypatch.chdir(tmp_path)
   with pytest.raises(OSError, match="not URLs; mount the bucket"):
@@ -161,7 +162,7 @@ def test_a_url_workdir_is_refused_before_anything_is_made(workdir, tmp_path, mon
 
 
 def test_training_refuses_a_workdir_without_room_for_its_checkpoints(tmp_path, data_dir):
-  from arjax import train
+  from arjax.training import loop as train
 
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.data.data_dir = data_dir

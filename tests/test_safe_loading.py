@@ -1,6 +1,6 @@
 """Nothing arjax loads runs code from the file: torch zips, bare pickles and .npz files.
 
-PyTorch checkpoints are read by arjax's own restricted unpickler (arjax/convert/torch_zip.py),
+PyTorch checkpoints are read by arjax's own restricted unpickler (arjax/weights/torch_zip.py),
 torch or not. The files here are written by tests/torch_files.py in torch.save's zip layout;
 the malicious ones carry pickles whose `__reduce__` would run a command or `eval` that writes
 a marker file, and every test checks the marker is still absent afterwards.
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import torch_files
-from arjax.convert import torch_zip
-from arjax.convert.state_dict import CheckpointError, load_checkpoint
+from arjax.weights import torch_zip
+from arjax.weights.state_dict import CheckpointError, load_checkpoint
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 

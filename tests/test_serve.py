@@ -133,8 +133,9 @@ def test_requests_of_one_shape_reuse_one_compiled_sampler(server):
 def test_the_grid_is_what_sample_draws(server, smoke_run):
   # Same checkpoint (EMA), same sampler, same seeds: image i of the grid is image i of
   # `python -m arjax sample` for that class.
-  from arjax import generate, serve
-  from arjax.experiment import Experiment
+  from arjax.commands import sample as generate
+  from arjax.serving import server as serve
+  from arjax.training.experiment import Experiment
 
   _, workdir, _ = smoke_run
   config = serve.workdir_config(workdir)

@@ -9,8 +9,11 @@ import pytest
 import flax.linen as nn
 from jax.sharding import PartitionSpec as P
 
-from arjax import configs, generate, sharding, train
-from arjax.experiment import Experiment
+from arjax.config import schema as configs
+from arjax.commands import sample as generate
+from arjax.parallel import sharding
+from arjax.training import loop as train
+from arjax.training.experiment import Experiment
 from tests.conftest import REPO_ROOT
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tensorboardX import SummaryWriter
 
-from arjax.tensorboard_scalars import read_scalars
+from arjax.training.tensorboard_scalars import read_scalars
 
 
 def log(workdir, points: dict):

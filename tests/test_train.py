@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from arjax import checkpoint, configs, sharding, train
+from arjax.training import checkpoint
+from arjax.config import schema as configs
+from arjax.parallel import sharding
+from arjax.training import loop as train
 from conftest import REPO_ROOT
 
 

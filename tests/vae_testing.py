@@ -2,8 +2,8 @@
 import jax
 import numpy as np
 
-from arjax import configs
-from arjax.convert import vae as convert_vae
+from arjax.config import schema as configs
+from arjax.tokenizers import kl_vae_weights as convert_vae
 from arjax.tokenizers import kl_vae
 from conftest import REPO_ROOT
 

@@ -6,7 +6,7 @@
 A MAR checkpoint (main_mar.py's `checkpoint-last.pth`: {'model', 'model_ema', 'optimizer',
 'epoch', 'scaler', 'args'}) becomes a complete arjax workdir:
 
-    DIR/checkpoints/<step>/state   the TrainState as `arjax.checkpoint.Checkpointer` writes it:
+    DIR/checkpoints/<step>/state   the TrainState as `arjax.training.checkpoint.Checkpointer` writes it:
                                    params <- 'model', ema_params <- 'model_ema', a fresh
                                    optimizer state, step = the checkpoint's 'epoch' (else 0)
     DIR/config.json                the config the weights were checked against
@@ -25,7 +25,7 @@ A VAE checkpoint (`kl16.ckpt`: {'model': AutoencoderKL state_dict}) becomes an O
 of the Flax params tree in DIR (`ocp.StandardCheckpointer().save(DIR, params)`), which
 `config.tokenizer.checkpoint=DIR` loads; DIR/arjax_vae.json records the architecture.
 
-Files are read by `arjax.convert.state_dict.load_checkpoint` (.npz, .safetensors, or .pth/.ckpt
+Files are read by `arjax.weights.state_dict.load_checkpoint` (.npz, .safetensors, or .pth/.ckpt
 through arjax's restricted unpickler, torch not needed; its docstring gives the flat-file key
 convention).
 Nothing is skipped silently: unread entries (the optimizer state) and substitutions (one state
@@ -41,8 +41,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from arjax.convert import state_dict as state_dict_lib
-from arjax.convert.state_dict import CheckpointError
+from arjax.weights import state_dict as state_dict_lib
+from arjax.weights.state_dict import CheckpointError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = str(REPO_ROOT / "configs" / "imagenet256_mar_base.py")
@@ -300,9 +300,9 @@ def mar_params(state_dict: Mapping[str, np.ndarray], exp, *, what: str = "state 
   Raises ValueError naming every missing, unexpected and mis-shaped key (backbone and head
   together), and every parameter of the model the weights leave unset.
   """
-  from arjax.convert.mar_backbone import backbone_params_from_state_dict
-  from arjax.convert.mar_head import diffloss_params_from_state_dict
-  from arjax.models import layers
+  from arjax.families.masked.weights import backbone_params_from_state_dict
+  from arjax.heads.mar_mlp_weights import diffloss_params_from_state_dict
+  from arjax.layers import transformer as layers
 
   errors = []
   # Each converter judges only its own keys; a 'diffloss.' key outside the net is neither's.
@@ -351,7 +351,7 @@ def train_state(exp, params, ema_params, step: int):
   """A TrainState on `exp`'s mesh: the given weights, a fresh optimizer state, `step`."""
   import jax
   import jax.numpy as jnp
-  from arjax.train_state import TrainState
+  from arjax.training.state import TrainState
 
   _, shardings = exp.abstract_state()
   params = jax.device_put(params, shardings.params)
@@ -376,7 +376,7 @@ Loads config.json beside this file (edit that, or override fields on the command
 """
 import os
 
-from arjax import configs
+from arjax.config import schema as configs
 
 
 def get_config():
@@ -418,8 +418,9 @@ def convert_mar(source, out: str, config, *, log: Log = _stderr) -> dict:
   """
   import orbax.checkpoint as ocp
 
-  from arjax import checkpoint, configs
-  from arjax.experiment import Experiment
+  from arjax.training import checkpoint
+  from arjax.config import schema as configs
+  from arjax.training.experiment import Experiment
 
   out = os.path.abspath(out)
   _check_out(out)
@@ -535,7 +536,7 @@ def convert_vae(source, out: str, vae_config=None, *, log: Log = _stderr) -> dic
   """
   import orbax.checkpoint as ocp
 
-  from arjax.convert import vae as convert_vae_lib
+  from arjax.tokenizers import kl_vae_weights as convert_vae_lib
 
   out = os.path.abspath(out)
   _check_out(out)
@@ -574,7 +575,7 @@ def convert(source, out: str, *, config=None, kind: Optional[str] = None,
   ckpt = state_dict_lib.load_checkpoint(source, groups=MAR_GROUPS + VAE_GROUPS)
   kind = kind or detect_kind(ckpt)
   if kind == "mar":
-    from arjax import configs
+    from arjax.config import schema as configs
     return convert_mar(ckpt, out, configs.load(DEFAULT_CONFIG) if config is None else config,
                        log=log)
   vae_config = None
@@ -597,7 +598,7 @@ def summary(result: Mapping[str, Any]) -> str:
 def run_cli(source: Optional[str], out: Optional[str], config=None,
             kind: Optional[str] = None) -> None:
   """`python -m arjax convert`: the conversion, one clear line per error a user can fix."""
-  from arjax import configs
+  from arjax.config import schema as configs
 
   if not source or not out:
     sys.exit("error: convert needs --source=CHECKPOINT and --out=DIR")

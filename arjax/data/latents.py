@@ -117,7 +117,7 @@ class LatentSource:
 
 def check_matches(source: LatentSource, config, tokenizer) -> None:
   """Raises ConfigError naming the config field a cache disagrees with."""
-  from arjax.configs import ConfigError
+  from arjax.config.schema import ConfigError
   from arjax.tokenizers import kl_vae
 
   meta, where = source.metadata, f"latent cache {source.directory} (split {source.split!r})"
@@ -221,7 +221,9 @@ def cache_latents(config, out_dir: str, *, split: Optional[str] = None,
   """
   import jax
   from jax.sharding import Mesh
-  from arjax import configs, progress as progress_lib, tokenizers
+  from arjax.config import schema as configs
+  from arjax.util import progress as progress_lib
+  from arjax import tokenizers
   from arjax.tokenizers import kl_vae
 
   configs.validate(config)

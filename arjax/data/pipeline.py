@@ -112,7 +112,7 @@ def _build(builder: tfds.core.DatasetBuilder, name: str, root: str) -> None:
   """Prepares `builder` as ArrayRecord, reporting it: TFDS's own bars on a terminal, and in a
   log file (where their carriage returns would garble it) one line before and one after."""
   import jax
-  from arjax import progress
+  from arjax.util import progress
 
   report = jax.process_index() == 0
   bars = report and progress.mode() == "bar"

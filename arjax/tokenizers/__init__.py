@@ -30,7 +30,7 @@ def make_tokenizer(tok_cfg, data_cfg, *, abstract: bool = False):
 
 def _kl_vae(tok_cfg, data_cfg, abstract: bool):
   # Imported here: the VAE pulls in Flax, which pixel-patch runs do not need.
-  from arjax.configs import ConfigError
+  from arjax.config.schema import ConfigError
   from arjax.tokenizers import kl_vae
 
   if tok_cfg.architecture not in kl_vae.ARCHITECTURES:
@@ -53,8 +53,8 @@ def load_kl_vae_params(tok_cfg):
   Errors name the field and the path: ConfigError when unset or not that architecture's
   weights, FileNotFoundError when nothing is at the path.
   """
-  from arjax.configs import ConfigError
-  from arjax.convert import vae as convert_vae
+  from arjax.config.schema import ConfigError
+  from arjax.tokenizers import kl_vae_weights as convert_vae
   from arjax.tokenizers import kl_vae
 
   path = tok_cfg.checkpoint

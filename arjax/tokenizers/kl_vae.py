@@ -7,7 +7,7 @@ post_quant_conv and the DiagonalGaussian posterior.
 
 Layout: PyTorch runs NCHW; this port runs NHWC throughout (images `[B, H, W, C]`, latents
 `[B, h, w, embed_dim]`), which is the natural Flax/XLA layout. Nothing inside the network depends
-on the layout except (a) conv kernels, which `arjax.convert.vae` transposes OIHW -> HWIO,
+on the layout except (a) conv kernels, which `arjax.tokenizers.kl_vae_weights` transposes OIHW -> HWIO,
 (b) the channel split of the posterior moments, which is on the last axis here instead of axis 1,
 and (c) the token order of `patchify`, which reproduces MAR's NCHW feature order
 (`c*p*p + pi*p + qi`, channel slowest) from the NHWC latent. Golden NCHW arrays therefore compare

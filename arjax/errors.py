@@ -1,0 +1,6 @@
+"""The errors a user sees for bad input, at the bottom of the import graph so every layer
+can raise them: each names the field, file or argument at fault."""
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, missing, of the wrong type or out of range."""

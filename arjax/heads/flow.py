@@ -1,0 +1,183 @@
+"""Flow-matching head: a residual AdaLN MLP predicting velocity, and its ODE sampler.
+
+The one time convention of arjax, written here and nowhere else:
+
+    x_t = (1 - t) * x + t * noise,   t in [0, 1],   t = 0 data, t = 1 noise
+    velocity target v = dx_t/dt = noise - x
+    training t ~ logit-normal(mean, std)   (Esser et al. 2024, SD3)
+    sampling integrates dx/dt = v from t = 1 (noise * temperature) to t = 0.
+
+The network follows MAR's SimpleMLPAdaLN: x_t is projected to the head width,
+then `depth` residual blocks whose LayerNorm is modulated (shift, scale, gate)
+by c = embed(t) + proj(z); the modulation and output layers start at zero, so
+an untrained head predicts v = 0 and training starts from a calm point.
+"""
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from arjax.layers import transformer as layers
+from arjax.heads.condition import fused_modulations, shared_condition
+from arjax.heads import noise as noise_draws
+
+Dtype = Any
+NetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as diffusion heads do)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  # A scalar t (one time for every row) embeds as one row, broadcast by the caller.
+  args = (1000.0 * jnp.reshape(t, (-1,)).astype(jnp.float32))[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+class _ResBlock(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, c, modulation=None):
+    """modulation: the block's modulation(SiLU(c)) when the net computed it (fused)."""
+    width = h.shape[-1]
+    if modulation is None:
+      modulation = nn.Dense(3 * width, dtype=self.dtype, name="modulation",
+                            kernel_init=layers.zeros_init(("mlp", "mlp_out")),
+                            bias_init=layers.zeros_init(("mlp_out",)))(nn.silu(c))
+    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
+    y = nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h)
+    y = _modulate(y, shift, scale)
+    y = nn.Dense(width, dtype=self.dtype, name="fc1", kernel_init=layers.dense_init(("mlp", "mlp_out")),
+                 bias_init=layers.zeros_init(("mlp_out",)))(y)
+    y = nn.Dense(width, dtype=self.dtype, name="fc2", kernel_init=layers.dense_init(("mlp_out", "mlp")),
+                 bias_init=layers.zeros_init(("mlp",)))(nn.silu(y))
+    return h + gate * y
+
+
+class FlowHeadNet(nn.Module):
+  """v = net(x_t [N, D], t [N], z [N or N/k, W]).
+
+  t may be a scalar shared by all rows, as in sampling, where every row of an ODE step has
+  the same t: the time MLP then runs on one row instead of N (the numbers are the same).
+  z may hold one row per k consecutive rows of x_t, the training loss's batch_mul draws of
+  one token: it is projected once per token (`heads.condition.shared_condition`).
+  """
+  token_dim: int
+  width: int
+  depth: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_t, t, z):
+    dense = lambda feats, axes, name, init=layers.dense_init: nn.Dense(
+        feats, dtype=self.dtype, name=name, kernel_init=init(axes),
+        bias_init=layers.zeros_init(axes[-1:]))
+    t_emb = timestep_embedding(t, 256).astype(self.dtype)
+    t_emb = dense(self.width, ("mlp", "mlp_out"), "time_mlp2")(
+        nn.silu(dense(self.width, ("time", "mlp"), "time_mlp1")(t_emb)))
+    h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
+    c = t_emb + shared_condition(
+        dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
+    if self.is_initializing():  # init creates each block's own Dense
+      modulations = [None] * self.depth + [
+          dense(2 * self.width, ("mlp", "mlp_out"), "final_modulation", layers.zeros_init)(
+              nn.silu(c))]
+    else:  # one matmul for every block's modulation (`heads.condition.fused_modulations`)
+      modulations = fused_modulations(
+          nn.meta.unbox(self.variables["params"]),
+          [(f"block_{i}", "modulation") for i in range(self.depth)] + [("final_modulation",)],
+          nn.silu(c), self.dtype)
+    for i in range(self.depth):
+      h = _ResBlock(dtype=self.dtype, name=f"block_{i}")(h, c, modulations[i])
+    shift, scale = jnp.split(modulations[-1], 2, axis=-1)
+    h = _modulate(nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h), shift, scale)
+    v = dense(self.token_dim, ("mlp", "token"), "output", layers.zeros_init)(h)
+    return v.astype(jnp.float32)
+
+
+def _integrate(velocity: Callable, x, steps: int, solver: str):
+  """Integrates dx/dt = velocity(x, t) from t = 1 to t = 0 on a uniform grid."""
+  ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+  def euler(x, i):
+    t, t_next = ts[i], ts[i + 1]
+    return x + (t_next - t) * velocity(x, t), None
+
+  def heun(x, i):
+    t, t_next = ts[i], ts[i + 1]
+    dt = t_next - t
+    v = velocity(x, t)
+    x_euler = x + dt * v
+    # Karras et al. 2022 drop the correction at t = 0; here t_next > 0 until the
+    # last step, which takes the Euler value (the velocity at t = 0 is often the
+    # worst-conditioned evaluation of the net).
+    x_heun = x + 0.5 * dt * (v + velocity(x_euler, t_next))
+    return jnp.where(i == steps - 1, x_euler, x_heun), None
+
+  step = {"euler": euler, "heun": heun}[solver]
+  x, _ = jax.lax.scan(step, x, jnp.arange(steps))
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatching:
+  """Rectified-flow head (linear path, velocity prediction). Holds config only."""
+  token_dim: int
+  batch_mul: int = 4          # noise/time draws per z (MAR's diffusion_batch_mul)
+  t_mean: float = 0.0         # logit-normal location
+  t_std: float = 1.0          # logit-normal scale
+  solver: str = "heun"        # 'euler' | 'heun'
+
+  def sample_t(self, rng, n):
+    return jax.nn.sigmoid(self.t_mean + self.t_std * jax.random.normal(rng, (n,)))
+
+  def loss(self, net_fn: NetFn, x, z, rng):
+    """Per-token loss [N]: mean over batch_mul draws of ||v_pred - (noise - x)||^2 / D."""
+    n = x.shape[0]
+    # Repeat each row in place (not tile) so the batch axis stays major and its
+    # sharding over the mesh survives the reshape.
+    # z stays one row per token: the net projects it once and shares it over the draws.
+    x = jnp.repeat(x.astype(jnp.float32), self.batch_mul, axis=0)
+    t_rng, noise_rng = jax.random.split(rng)
+    t = self.sample_t(t_rng, x.shape[0])
+    noise = jax.random.normal(noise_rng, x.shape)
+    x_t = (1.0 - t[:, None]) * x + t[:, None] * noise
+    err = net_fn(x_t, t, z) - (noise - x)
+    per_draw = jnp.mean(jnp.square(err), axis=-1)
+    return per_draw.reshape(n, self.batch_mul).mean(axis=1)
+
+  def sample(self, net_fn: NetFn, z, rng, *, cfg_scale=None, temperature=1.0, steps: int = 16,
+             cfg_interval=(0.0, 1.0)):
+    """Draws x [N, D] given z.
+
+    With `cfg_scale` (a scalar, may be traced), z is [2N, W]: conditional rows
+    first, null-class rows second. Both halves integrate the same x, and the
+    velocity is v_u + cfg_scale * (v_c - v_u) while t lies in `cfg_interval`,
+    plain v_c outside it (guidance limited to an interval of noise levels,
+    Kynkaanniemi et al. 2024: guiding at the noisiest t mostly costs
+    diversity). `temperature` scales the initial noise. `rng` is one key or one key per
+    row [N] (`arjax.heads.noise`); the ODE itself draws nothing.
+    """
+    guided = cfg_scale is not None
+    n = z.shape[0] // 2 if guided else z.shape[0]
+    x = temperature * noise_draws.normal(rng, n, (self.token_dim,))
+
+    def velocity(x, t):
+      xx = jnp.concatenate([x, x]) if guided else x
+      v = net_fn(xx, t, z)  # scalar t: the time MLP runs once per evaluation, not per row
+      if not guided:
+        return v
+      v_cond, v_uncond = jnp.split(v, 2)
+      lo, hi = cfg_interval
+      scale = jnp.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
+      return v_uncond + scale * (v_cond - v_uncond)
+
+    return _integrate(velocity, x, steps, self.solver)
