@@ -118,13 +118,15 @@ def main(argv):
 
   from arjax.config import schema as configs  # imported late: `--help` stays instant
 
+  from arjax import registry
   from arjax.parallel import distributed
 
   try:
     if command == "serve" and config is None:  # the config the workdir was trained with
       from arjax.serving import server as serve
       config = serve.workdir_config(workdir)
-    configs.validate(config)
+    registry.load_plugins()  # $ARJAX_PLUGINS: users' own families, heads, tokenizers
+    registry.validate(config)
     coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     distributed.initialize(coords)
     _run(command, config, workdir)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from arjax.families.masked import family as masked_family
 from arjax.perf import bench
 from arjax.config import schema as configs
 from arjax.parallel import sharding
@@ -205,13 +206,13 @@ def test_analytic_mar_backbone_flops_match_the_compiled_forward():
   condition = jax.jit(lambda p, x, m, y: exp.model.apply(p, x, m, y, known,
                                                          method=MaskedARModel.condition))
   compiled = condition.lower(params, tokens, mask, labels).compile()
-  assert _hlo_dot_flops(compiled.as_text()) == bench.mar_backbone_flops(config, 16, 4, batch, known)
+  assert _hlo_dot_flops(compiled.as_text()) == masked_family.backbone_flops(config, 16, 4, batch, known)
   # The sampler's form: z at 5 positions per image, the last decoder block on those rows.
   positions = jnp.zeros((batch, 5), jnp.int32)
   at_positions = jax.jit(lambda p, x, m, y, q: exp.model.apply(
       p, x, m, y, known, None, q, method=MaskedARModel.condition))
   compiled = at_positions.lower(params, tokens, mask, labels, positions).compile()
-  assert _hlo_dot_flops(compiled.as_text()) == bench.mar_backbone_flops(config, 16, 4, batch, known,
+  assert _hlo_dot_flops(compiled.as_text()) == masked_family.backbone_flops(config, 16, 4, batch, known,
                                                                         queries=5)
 
 

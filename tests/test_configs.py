@@ -5,9 +5,8 @@ import flax.linen as nn
 import ml_collections
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
-from arjax import tokenizers
-from arjax.families.causal import model as ar_model
 from conftest import REPO_ROOT
 
 CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py"]
@@ -16,9 +15,9 @@ CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py"]
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_validates_and_builds_its_model(name):
   config = configs.load(str(REPO_ROOT / "configs" / name))
-  configs.validate(config)
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
-  model, _, _ = ar_model.build(config, tok)
+  registry.validate(config)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
+  model, _, _ = registry.build_model(config, tok)
   x = jnp.zeros((2, tok.num_tokens, tok.token_dim), jnp.float32)
   y = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, y))["params"]
@@ -41,12 +40,12 @@ def test_mar_imagenet_configs_validate_and_build_at_the_published_sizes(name, mi
   """KL-16 tokens (256 of dim 16) and MAR's sizes to 0.5%; built abstractly, since the VAE
   weights are not shipped (building for real without them is refused, naming the field)."""
   config = configs.load(str(REPO_ROOT / "configs" / name))
-  configs.validate(config)
+  registry.validate(config)
   with pytest.raises(configs.ConfigError, match="config.tokenizer.checkpoint is None"):
-    tokenizers.make_tokenizer(config.tokenizer, config.data)
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data, abstract=True)
+    registry.make_tokenizer(config.tokenizer, config.data)
+  tok = registry.make_tokenizer(config.tokenizer, config.data, abstract=True)
   assert (tok.num_tokens, tok.token_dim) == (256, 16)
-  model, _, _ = ar_model.build(config, tok)
+  model, _, _ = registry.build_model(config, tok)
   x = jnp.zeros((2, tok.num_tokens, tok.token_dim), jnp.float32)
   y = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, y))["params"]
@@ -74,10 +73,10 @@ def test_bad_config_is_refused_naming_the_field(mutate, field):
   with config.unlocked():
     mutate(config)
   if field is None:  # a valid change: the control case
-    configs.validate(config)
+    registry.validate(config)
     return
   with pytest.raises(configs.ConfigError) as e:
-    configs.validate(config)
+    registry.validate(config)
   assert field in str(e.value)
 
 
@@ -88,4 +87,4 @@ def test_wrong_types_are_refused_on_assignment_and_in_files():
   as_dict = config.to_dict()
   as_dict["train"]["num_steps"] = "many"  # as a hand-written config file could hold it
   with pytest.raises(configs.ConfigError, match="config.train.num_steps='many': expected int"):
-    configs.validate(ml_collections.ConfigDict(as_dict))
+    registry.validate(ml_collections.ConfigDict(as_dict))

@@ -7,9 +7,8 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
-from arjax import tokenizers
-from arjax.families.causal import model as ar_model
 from arjax.families.causal.model import ARModel
 from arjax.families.causal.sampler import sample_tokens
 from conftest import REPO_ROOT
@@ -19,8 +18,8 @@ from conftest import REPO_ROOT
 def built():
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.model.num_class_tokens = 2
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
-  model, head, _ = ar_model.build(config, tok)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
+  model, head, _ = registry.build_model(config, tok)
   x = jnp.zeros((1, tok.num_tokens, tok.token_dim))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), x, jnp.zeros((1,), jnp.int32))["params"])
   # The head's output layers start at zero; perturb every parameter so all of them matter.

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import pytest
 
+from arjax import registry
 from arjax.perf import bench
 from arjax.config import schema as configs
 from arjax.perf import describe
@@ -94,7 +95,7 @@ def _mar_with_tiny_vae():
   config.tokenizer = ml_collections.ConfigDict(dict(
       name="kl_vae", checkpoint=ml_collections.config_dict.placeholder(str),
       architecture="kl16_tiny", patch_size=1, latent_scale=0.2325, sample_posterior=True))
-  configs.validate(config)
+  registry.validate(config)
   return config
 
 
@@ -133,7 +134,7 @@ PRESET_FILES = ["imagenet256.py", "imagenet256_mar_base.py", "imagenet256_mar_la
 def test_every_preset_validates_on_exactly_its_hardware(name, slice_name):
   recipe = _load(name)
   config = _load(f"{name}:{slice_name}")
-  configs.validate(config)
+  registry.validate(config)
   data, fsdp, tensor = config.mesh.shape
   assert data * fsdp * tensor == hardware.HARDWARE[slice_name].devices
   assert config.train.global_batch_size % (data * fsdp) == 0

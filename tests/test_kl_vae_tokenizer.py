@@ -9,8 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
-from arjax import tokenizers
 from arjax.training import step as train_step
 from arjax.tokenizers import kl_vae
 from conftest import REPO_ROOT
@@ -41,8 +41,8 @@ def test_kl16_is_mars_vae_and_kl16_tiny_is_the_golden_tiny_vae():
 def test_config_builds_the_tokenizer_from_a_state_dict_npz(tmp_path):
   params = tiny_params()
   config = vae_config(write_npz(tmp_path / "tiny.npz", params))
-  configs.validate(config)
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  registry.validate(config)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
   assert isinstance(tok, kl_vae.KLVAETokenizer)
   assert (tok.num_tokens, tok.token_dim, tok.latent_scale, tok.sample_posterior) == (
       4, 16, 0.2325, True)
@@ -59,7 +59,7 @@ def test_a_release_file_nesting_the_state_dict_under_model_loads_as_is(tmp_path)
   nested["model/loss.discriminator.main.0.weight"] = np.zeros((4, 3, 4, 4), np.float32)
   np.savez(tmp_path / "kl16_tiny_release.npz", **nested)
   config = vae_config(str(tmp_path / "kl16_tiny_release.npz"))
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
   for ours, theirs in zip(jax.tree.leaves(tok.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(ours, theirs)
 
@@ -71,25 +71,25 @@ def test_an_orbax_params_directory_loads_the_same_weights(tmp_path):
     checkpointer.save(str(tmp_path / "kl16_tiny"), params)
     checkpointer.wait_until_finished()
   config = vae_config(str(tmp_path / "kl16_tiny"))
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
   for ours, theirs in zip(jax.tree.leaves(tok.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(ours, theirs)
 
 
 def test_weight_errors_name_the_field_and_the_path(tmp_path):
   config = vae_config(None)
-  configs.validate(config)  # a config may ship without weights ...
+  registry.validate(config)  # a config may ship without weights ...
   with pytest.raises(configs.ConfigError, match="config.tokenizer.checkpoint is None"):
-    tokenizers.make_tokenizer(config.tokenizer, config.data)  # ... but nothing builds without
+    registry.make_tokenizer(config.tokenizer, config.data)  # ... but nothing builds without
 
   missing = str(tmp_path / "nowhere.npz")
   with pytest.raises(FileNotFoundError, match="config.tokenizer.checkpoint=.*nowhere.npz"):
-    tokenizers.make_tokenizer(vae_config(missing).tokenizer, config.data)
+    registry.make_tokenizer(vae_config(missing).tokenizer, config.data)
 
   # Weights of another architecture: every mismatch is listed under the path.
   tiny = write_npz(tmp_path / "tiny.npz", tiny_params())
   with pytest.raises(configs.ConfigError) as e:
-    tokenizers.make_tokenizer(vae_config(tiny, architecture="kl16").tokenizer, config.data)
+    registry.make_tokenizer(vae_config(tiny, architecture="kl16").tokenizer, config.data)
   message = str(e.value)
   assert "config.tokenizer.checkpoint=" in message and "tiny.npz" in message
   assert "config.tokenizer.architecture='kl16'" in message
@@ -97,7 +97,7 @@ def test_weight_errors_name_the_field_and_the_path(tmp_path):
 
   os.makedirs(tmp_path / "empty_dir")
   with pytest.raises((configs.ConfigError, FileNotFoundError), match="empty_dir"):
-    tokenizers.make_tokenizer(vae_config(str(tmp_path / "empty_dir")).tokenizer, config.data)
+    registry.make_tokenizer(vae_config(str(tmp_path / "empty_dir")).tokenizer, config.data)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -115,12 +115,12 @@ def test_weight_errors_name_the_field_and_the_path(tmp_path):
 ])
 def test_bad_vae_config_is_refused_naming_the_field(change, message):
   config = vae_config("weights.npz")
-  configs.validate(config)
+  registry.validate(config)
   as_dict = config.to_dict()  # as a hand-written config file could hold it
   for section, fields in change.items():
     as_dict[section].update(fields)
   with pytest.raises(configs.ConfigError) as e:
-    configs.validate(ml_collections.ConfigDict(as_dict))
+    registry.validate(ml_collections.ConfigDict(as_dict))
   assert message in str(e.value)
 
 
@@ -128,7 +128,7 @@ def test_latent_cache_needs_a_vae_tokenizer():
   config = configs.load(str(REPO_ROOT / "configs/digits.py"))
   config.data.latents = "/data/latents"
   with pytest.raises(configs.ConfigError, match="config.data.latents='/data/latents'.*'kl_vae'"):
-    configs.validate(config)
+    registry.validate(config)
 
 
 def test_training_tokens_are_a_posterior_sample_on_their_own_stream_when_asked():

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
-from arjax import tokenizers
 from arjax.training import loop as train
 from arjax.data import latents, pipeline
 from conftest import REPO_ROOT
@@ -45,7 +45,7 @@ def cached(tmp_path_factory, data_dir) -> Cached:
   out = str(root / "cache")
   meta = latents.cache_latents(config, out, batch_size=16, shard_bytes=16 * RECORD_BYTES)
   config.data.latents = out  # from here on, training reads the cache
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
   return Cached(config, out, meta, tok, jax.jit(tok.moments))
 
 
@@ -138,7 +138,7 @@ def test_a_cache_that_disagrees_with_the_config_is_refused_naming_the_field(cach
     changed = cached.config.copy_and_resolve_references()
     mutate(changed)
     with pytest.raises(error) as e:
-      latents.make_train_iterator(changed, tok or tokenizers.make_tokenizer(
+      latents.make_train_iterator(changed, tok or registry.make_tokenizer(
           changed.tokenizer, changed.data), global_batch_size=16, seed=0)
     return str(e.value)
 

@@ -9,10 +9,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
-from arjax import tokenizers
 from arjax.training.experiment import Experiment
-from arjax.families.causal import model as ar_model
 from arjax.layers import transformer as layers
 from arjax.families.causal.sampler import sample_tokens
 from tests.conftest import REPO_ROOT
@@ -23,8 +22,8 @@ def _build(scan_layers, remat="none", depth=3):
   config.model.depth = depth
   config.model.scan_layers = scan_layers
   config.model.remat = remat
-  tok = tokenizers.make_tokenizer(config.tokenizer, config.data)
-  model, head, loss = ar_model.build(config, tok)
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
+  model, head, loss = registry.build_model(config, tok)
   return config, tok, model, head, loss
 
 
@@ -101,4 +100,4 @@ def test_an_unknown_remat_policy_is_a_config_error():
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.model.remat = "some"
   with pytest.raises(configs.ConfigError, match="config.model.remat='some'"):
-    configs.validate(config)
+    registry.validate(config)

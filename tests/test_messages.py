@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
 from arjax.util import progress
 from conftest import REPO_ROOT
@@ -99,7 +100,7 @@ def test_an_unknown_key_in_a_config_names_the_nearest_field():
   config.model.dept = 4
   with pytest.raises(configs.ConfigError, match=r"config.model.dept: unknown key \(did you mean "
                      r"config.model.depth\?\)"):
-    configs.validate(config)
+    registry.validate(config)
 
 
 def test_a_batch_the_devices_do_not_divide_names_the_field_and_the_multiples_that_fit():

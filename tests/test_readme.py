@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from arjax import registry
 from arjax.config import schema as configs
 from conftest import REPO_ROOT
 
@@ -127,7 +128,7 @@ def test_every_readme_command_uses_a_real_subcommand_flags_config_and_fields(com
     # No config, or one that a command writes (convert's DIR/config.py): its runner checks it.
     return
   config = configs.load(str(REPO_ROOT / config_arg))
-  configs.validate(config)
+  registry.validate(config)
   for path in overrides:
     assert configs.unknown_override(config, path) == "", f"{command}: {path}"
 

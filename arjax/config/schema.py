@@ -14,94 +14,19 @@ import ml_collections
 
 from arjax.errors import ConfigError  # noqa: F401  (configs.ConfigError)
 
-_pos = lambda v: v > 0
-_nonneg = lambda v: v >= 0
-_prob = lambda v: 0.0 <= v < 1.0
+# Predicates the schemas of arjax and its plug-ins share.
+positive = _pos = lambda v: v > 0
+nonnegative = _nonneg = lambda v: v >= 0
+probability = _prob = lambda v: 0.0 <= v < 1.0
 
 # (types, predicate or None, what it demands: a string, or a function giving one)
 Schema = Dict[str, Tuple[tuple, Callable[[Any], bool], Any]]
 
 
-def _vae_architectures():
-  # Imported on use: the presets live with the VAE, which pulls in Flax.
-  from arjax.tokenizers import kl_vae
-  return kl_vae.ARCHITECTURES
-
-# The fields that depend on a choice: the chosen variant's fields are required, the
-# others' unknown (a causal config carrying `model.buffer_size` is a mistake).
-TOKENIZER_SCHEMAS: Dict[str, Schema] = {
-    "patchify": {
-        "tokenizer.patch_size": ((int,), _pos, "> 0"),
-        "tokenizer.scale": ((float, int), _pos, "> 0"),
-    },
-    # MAR's KL VAE, frozen (arjax/tokenizers/kl_vae.py): tokens are its scaled latents.
-    "kl_vae": {
-        # .pth/.ckpt, .npz or .safetensors state dict, or an Orbax params directory; needed.
-        "tokenizer.checkpoint": ((str, type(None)), None, ""),
-        "tokenizer.architecture": ((str,), lambda v: v in _vae_architectures(),
-                                   lambda: f"one of {sorted(_vae_architectures())}"),
-        "tokenizer.patch_size": ((int,), _pos, "> 0"),
-        "tokenizer.latent_scale": ((float, int), _pos, "> 0"),
-        "tokenizer.sample_posterior": ((bool,), None, ""),
-    },
-}
-
-# Both families: blocks as one nn.scan (params with a leading 'layers' axis), and their remat
-# policy (arjax/layers/transformer.py block_stack).
-_BLOCK_STACK_SCHEMA: Schema = {
-    "model.scan_layers": ((bool,), None, ""),
-    "model.remat": ((str,), lambda v: v in ("none", "full", "dots", "dots_no_batch"),
-                    "one of 'none', 'full', 'dots', 'dots_no_batch'"),
-}
-
-MODEL_SCHEMAS: Dict[str, Schema] = {
-    # Raster-order decoder with a KV cache (arjax/families/causal/backbone.py).
-    "causal": {
-        "model.width": ((int,), _pos, "> 0"),
-        "model.depth": ((int,), _pos, "> 0"),
-        "model.num_heads": ((int,), _pos, "> 0"),
-        "model.mlp_ratio": ((float, int), _pos, "> 0"),
-        "model.num_class_tokens": ((int,), _pos, "> 0"),
-        **_BLOCK_STACK_SCHEMA,
-    },
-    # MAR's masked encoder-decoder in random order (arjax/families/masked/backbone.py).
-    "mar": {
-        "model.encoder_width": ((int,), _pos, "> 0"),
-        "model.encoder_depth": ((int,), _pos, "> 0"),
-        "model.encoder_heads": ((int,), _pos, "> 0"),
-        "model.decoder_width": ((int,), _pos, "> 0"),
-        "model.decoder_depth": ((int,), _pos, "> 0"),
-        "model.decoder_heads": ((int,), _pos, "> 0"),
-        "model.mlp_ratio": ((float, int), _pos, "> 0"),
-        "model.buffer_size": ((int,), _pos, "> 0"),
-        "model.norm_eps": ((float,), _pos, "> 0"),
-        "model.mask_ratio_min": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-        "model.mask_ratio_std": ((float, int), _pos, "> 0"),
-        "model.mask_buckets": ((int,), _pos, "> 0"),
-        **_BLOCK_STACK_SCHEMA,
-    },
-}
-
-HEAD_SCHEMAS: Dict[str, Schema] = {
-    # Flow matching on the linear path (arjax/heads/flow.py).
-    "flow": {
-        "head.t_mean": ((float, int), None, ""),
-        "head.t_std": ((float, int), _pos, "> 0"),
-    },
-    # MAR's DiffLoss: DDPM, cosine schedule, eps + learned-range variance.
-    "mar_diffusion": {
-        "head.num_timesteps": ((int,), _pos, "> 0"),
-        "head.noise_schedule": ((str,), lambda v: v in ("cosine", "linear"), "'cosine' or 'linear'"),
-    },
-}
-
-# Sampler fields only the masked (MAR) family has.
-MASKED_SAMPLE_SCHEMA: Schema = {
-    "sample.num_iter": ((int,), _pos, "> 0"),
-    "sample.kept_buckets": ((int,), _pos, "> 0"),
-}
-
-# dotted key -> (types, predicate or None, what the predicate demands); always required.
+# Fields shared by every family, head and tokenizer; always required. The plug-ins' own fields
+# (`model.*` of a family, `head.*` of a head, `tokenizer.*` of a tokenizer) and the selectors
+# `model.family`, `head.name`, `tokenizer.name` are added by `arjax.registry.schema_for`.
+# dotted key -> (types, predicate or None, what the predicate demands).
 SCHEMA: Schema = {
     "seed": ((int,), None, ""),
     "data.name": ((str,), None, ""),
@@ -116,11 +41,8 @@ SCHEMA: Schema = {
     "data.worker_count": ((int,), _nonneg, ">= 0"),
     # A latent cache written by `python -m arjax cache_latents`; None: encode images on the fly.
     "data.latents": ((str, type(None)), None, ""),
-    "tokenizer.name": ((str,), lambda v: v in TOKENIZER_SCHEMAS, f"one of {sorted(TOKENIZER_SCHEMAS)}"),
-    "model.family": ((str,), lambda v: v in MODEL_SCHEMAS, f"one of {sorted(MODEL_SCHEMAS)}"),
     "model.label_drop": ((float, int), _prob, "in [0, 1)"),
     "model.dtype": ((str,), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
-    "head.name": ((str,), lambda v: v in HEAD_SCHEMAS, f"one of {sorted(HEAD_SCHEMAS)}"),
     "head.width": ((int,), _pos, "> 0"),
     "head.depth": ((int,), _pos, "> 0"),
     "head.batch_mul": ((int,), _pos, "> 0"),
@@ -178,25 +100,9 @@ def _check(name: str, value, rule) -> None:
     raise ConfigError(f"config.{name}={value!r}: must be {demand() if callable(demand) else demand}")
 
 
-def schema_for(config) -> Schema:
-  """The always-required fields plus those of the chosen tokenizer, model family and head."""
-  flat = dict(_flatten(config))
-  for selector in ("tokenizer.name", "model.family", "head.name"):
-    if selector not in flat:
-      raise ConfigError(f"config.{selector}: missing")
-    _check(selector, flat[selector], SCHEMA[selector])
-  schema = dict(SCHEMA)
-  schema.update(TOKENIZER_SCHEMAS[flat["tokenizer.name"]])
-  schema.update(MODEL_SCHEMAS[flat["model.family"]])
-  schema.update(HEAD_SCHEMAS[flat["head.name"]])
-  if flat["model.family"] == "mar":
-    schema.update(MASKED_SAMPLE_SCHEMA)
-  return schema
-
-
-def validate(config) -> None:
-  """Raises ConfigError naming the first bad field (unknown keys included)."""
-  schema = schema_for(config)
+def check_fields(config, schema: Schema) -> None:
+  """Raises ConfigError naming the first field of `config` that `schema` does not know, the
+  first field it requires that is missing, or the first of the wrong type or range."""
   flat = dict(_flatten(config))
   for name in flat:
     if name not in schema:
@@ -205,17 +111,27 @@ def validate(config) -> None:
     if name not in flat:
       raise ConfigError(f"config.{name}: missing")
     _check(name, flat[name], rule)
+
+
+def check_selector(config, name: str, known) -> str:
+  """The value of a selector field (`model.family`, ...), checked to be one of `known`."""
+  flat = dict(_flatten(config))
+  if name not in flat:
+    raise ConfigError(f"config.{name}: missing")
+  _check(name, flat[name], ((str,), lambda v: v in known, f"one of {sorted(known)}"))
+  return flat[name]
+
+
+def check_divisible(config, width: str, num_heads: str) -> None:
+  """`config.model.<width>` must split into `config.model.<num_heads>` attention heads."""
   m = config.model
-  heads = ((("width", "num_heads"),) if m.family == "causal" else
-           (("encoder_width", "encoder_heads"), ("decoder_width", "decoder_heads")))
-  for width, num_heads in heads:
-    if m[width] % m[num_heads]:
-      raise ConfigError(f"config.model.{width}={m[width]} must be divisible by "
-                        f"config.model.{num_heads}={m[num_heads]}")
-  if config.tokenizer.name == "patchify" and config.data.image_size % config.tokenizer.patch_size:
-    raise ConfigError(f"config.tokenizer.patch_size={config.tokenizer.patch_size} must divide "
-                      f"config.data.image_size={config.data.image_size}")
-  _validate_vae(config)
+  if m[width] % m[num_heads]:
+    raise ConfigError(f"config.model.{width}={m[width]} must be divisible by "
+                      f"config.model.{num_heads}={m[num_heads]}")
+
+
+def check_shared(config) -> None:
+  """The cross-field rules of the shared fields (run after `check_fields`)."""
   if config.train.warmup_steps > config.train.num_steps:
     raise ConfigError(f"config.train.warmup_steps={config.train.warmup_steps} exceeds "
                       f"config.train.num_steps={config.train.num_steps}")
@@ -250,27 +166,6 @@ def unknown_override(config, path: str) -> str:
     node = node[part]
     walked.append(part)
   return ""
-
-
-def _validate_vae(config) -> None:
-  if config.tokenizer.name != "kl_vae":
-    if config.data.latents is not None:
-      raise ConfigError(f"config.data.latents={config.data.latents!r}: cached latents need a VAE "
-                        f"tokenizer (config.tokenizer.name='kl_vae'), not "
-                        f"{config.tokenizer.name!r}")
-    return
-  t, d = config.tokenizer, config.data
-  vae = _vae_architectures()[t.architecture]
-  stride = vae.downsample_factor * t.patch_size
-  if d.image_size % stride:
-    raise ConfigError(
-        f"config.data.image_size={d.image_size} must be a multiple of {stride}: the VAE stride "
-        f"{vae.downsample_factor} (config.tokenizer.architecture={t.architecture!r}) times "
-        f"config.tokenizer.patch_size={t.patch_size}")
-  if d.channels != vae.in_channels:
-    raise ConfigError(f"config.data.channels={d.channels}: the VAE "
-                      f"config.tokenizer.architecture={t.architecture!r} reads "
-                      f"{vae.in_channels}-channel images")
 
 
 def load(path: str) -> ml_collections.ConfigDict:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from arjax import registry
 from arjax.weights import state_dict as state_dict_lib
 from arjax.weights.state_dict import CheckpointError
 
@@ -443,7 +444,7 @@ def convert_mar(source, out: str, config, *, log: Log = _stderr) -> dict:
   else:
     log(f"{source} carries no args: the config's sizes are checked against the weights; "
         "attention head counts are taken on trust")
-  configs.validate(config)
+  registry.validate(config)
   if config.tokenizer.name == "kl_vae" and config.tokenizer.checkpoint is None:
     # The config written beside the weights must be complete, or `sample` fails later.
     raise configs.ConfigError(

@@ -223,10 +223,10 @@ def cache_latents(config, out_dir: str, *, split: Optional[str] = None,
   from jax.sharding import Mesh
   from arjax.config import schema as configs
   from arjax.util import progress as progress_lib
-  from arjax import tokenizers
+  from arjax import registry
   from arjax.tokenizers import kl_vae
 
-  configs.validate(config)
+  registry.validate(config)
   d, t = config.data, config.tokenizer
   if t.name != "kl_vae":
     raise configs.ConfigError(f"config.tokenizer.name={t.name!r}: only a VAE tokenizer "
@@ -238,7 +238,7 @@ def cache_latents(config, out_dir: str, *, split: Optional[str] = None,
   if os.path.exists(meta_path):
     raise FileExistsError(f"{meta_path}: a complete latent cache of split {split!r} is already "
                           "there; delete it to encode again")
-  tokenizer = tokenizers.make_tokenizer(t, d)
+  tokenizer = registry.make_tokenizer(t, d)
   pipeline.prepare(d.name, d.data_dir)
 
   devices = jax.devices()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.heads import accounting, base
 from arjax.heads import noise as noise_draws
 
 NetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -361,3 +362,39 @@ class MarDiffusion:
 
     x, _ = jax.lax.scan(step, x, jnp.arange(num_steps))
     return x
+
+
+class MarDiffusionHead(base.Head):
+  """`head.name='mar_diffusion'`: MAR's DiffLoss (MarMLPAdaLN + MarDiffusion), which official
+  MAR checkpoints import into; sampling steps are its respacing of config.sample.num_steps."""
+  name = "mar_diffusion"
+  uses_solver = False
+  schema = {
+      "head.num_timesteps": ((int,), lambda v: v > 0, "> 0"),
+      "head.noise_schedule": ((str,), lambda v: v in ("cosine", "linear"),
+                              "'cosine' or 'linear'"),
+  }
+
+  def build(self, config, *, token_dim, cond_width, dtype):
+    from arjax.heads.mar_mlp import MarMLPAdaLN  # pylint: disable=import-outside-toplevel
+    h = config.head
+    net = MarMLPAdaLN(in_channels=token_dim, model_channels=h.width, z_channels=cond_width,
+                      num_res_blocks=h.depth, dtype=dtype, num_timesteps=h.num_timesteps)
+    return net, MarDiffusion(token_dim=token_dim, batch_mul=h.batch_mul,
+                             num_sampling_steps=str(config.sample.num_steps),
+                             num_timesteps=h.num_timesteps, noise_schedule=h.noise_schedule)
+
+  def evaluations_per_token(self, config):
+    return config.sample.num_steps
+
+  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1):
+    h = config.head
+    if mode == "train":
+      # The net embeds its integer timesteps as a table of num_timesteps rows when there are
+      # more rows than that (`MarMLPAdaLN`).
+      rows = tokens * h.batch_mul
+      return accounting.training(h, tokens, token_dim, cond_width, 2 * token_dim,
+                                 time_rows=min(rows, h.num_timesteps))
+    evals = self.evaluations_per_token(config)
+    return accounting.sampling(tokens * evals, calls * evals, token_dim, cond_width, h,
+                               2 * token_dim)

@@ -22,6 +22,7 @@ import flax.linen as nn
 
 from arjax.layers import transformer as layers
 from arjax.heads.condition import fused_modulations, shared_condition
+from arjax.heads import accounting, base
 from arjax.heads import noise as noise_draws
 
 Dtype = Any
@@ -181,3 +182,28 @@ class FlowMatching:
       return v_uncond + scale * (v_cond - v_uncond)
 
     return _integrate(velocity, x, steps, self.solver)
+
+
+class FlowHead(base.Head):
+  """`head.name='flow'`: FlowHeadNet + FlowMatching, the logit-normal time law in config."""
+  name = "flow"
+  schema = {
+      "head.t_mean": ((float, int), None, ""),
+      "head.t_std": ((float, int), lambda v: v > 0, "> 0"),
+  }
+
+  def build(self, config, *, token_dim, cond_width, dtype):
+    h = config.head
+    return (FlowHeadNet(token_dim=token_dim, width=h.width, depth=h.depth, dtype=dtype),
+            FlowMatching(token_dim=token_dim, batch_mul=h.batch_mul, t_mean=h.t_mean,
+                         t_std=h.t_std))
+
+  def evaluations_per_token(self, config):
+    return accounting.ode_evaluations(config.sample.num_steps, config.sample.solver)
+
+  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1):
+    if mode == "train":
+      return accounting.training(config.head, tokens, token_dim, cond_width, token_dim)
+    evals = self.evaluations_per_token(config)
+    return accounting.sampling(tokens * evals, calls * evals, token_dim, cond_width,
+                               config.head, token_dim)

@@ -77,8 +77,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arjax.config import schema as configs
 from arjax.parallel import sharding
-from arjax import tokenizers
-from arjax.layers import transformer as layers
+from arjax import registry
 
 MODES = ("train", "sample", "decode")
 
@@ -97,10 +96,6 @@ DATASHEET_PEAK_FLOPS = {
     "TPU v6 lite": (918e12, 918e12),  # v6e (Trillium)
 }
 
-# The flow head's sinusoidal time-embedding size (`timestep_embedding(t, 256)` in
-# arjax/heads/flow.py): the input width of its first time-MLP layer.
-TIME_EMBED_DIM = 256
-
 # Per-device side of the square matmul that measures the peak. Accelerators need a
 # large one to reach their matrix units' throughput. On a 2-core CPU, 512 gave
 # 215-410 GFLOP/s from run to run (too short to time: ~1 ms) and 1024 gave
@@ -110,230 +105,26 @@ _PEAK_MATMUL_SIZE_DEFAULT = 8192
 
 
 # -----------------------------------------------------------------------------
-# Analytic FLOP count.
+# Model FLOPs: counted by each family and head for the work it does (`Family.flops`,
+# `Head.flops`), asked through the registry.
 
 
-def _matmul(rows: int, fan_in: int, fan_out: int) -> int:
-  """FLOPs of [rows, fan_in] @ [fan_in, fan_out]: one multiply and one add per MAC."""
-  return 2 * rows * fan_in * fan_out
+def is_guided(config) -> bool:
+  """Whether sampling runs CFG: the rule of every sampler (a ramp to 1 is the constant 1)."""
+  return config.sample.cfg_scale != 1.0
 
 
-def _backbone_blocks(rows: int, keys: int, width: int, hidden: int, depth: int) -> int:
-  """`depth` decoder blocks over `rows` (= batch x positions) queries, each attending to `keys` keys.
-
-  Per block: q, k, v and out projections (W x W each); attention scores q.k^T
-  and probs.v (heads x head_dim = W per key, both computed in full under the
-  causal mask, as the implementation does); SwiGLU gate, up (W x hidden) and
-  down (hidden x W).
-  """
-  projections = 4 * _matmul(rows, width, width)
-  attention = 2 * _matmul(rows, width, keys)
-  mlp = 2 * _matmul(rows, width, hidden) + _matmul(rows, hidden, width)
-  return depth * (projections + attention + mlp)
-
-
-def _head_net(rows: int, token_dim: int, cond_width: int, width: int, depth: int,
-              out_dim: Optional[int] = None, *, cond_rows: Optional[int] = None,
-              time_rows: Optional[int] = None):
-  """One head-network evaluation on `rows` rows -> (FLOPs of layers fed by data, of all others).
-
-  Layers: time MLP (256 -> Wh -> Wh), cond projection (W -> Wh), input
-  projection (D -> Wh); per residual block the AdaLN modulation (Wh -> 3 Wh),
-  fc1 and fc2 (Wh -> Wh); final modulation (Wh -> 2 Wh) and output (Wh -> D, or
-  `out_dim`: 2D for MAR's DDPM net, whose second half is the variance).
-  The first time-MLP layer and the input projection read data (t's embedding,
-  x_t) that no parameter influences; backprop needs no gradient of their inputs.
-  The cond projection runs on `cond_rows` (training: one per token, shared by its
-  batch_mul draws) and the time MLP on `time_rows` (a timestep table's size); both
-  default to `rows`.
-  """
-  cond_rows = rows if cond_rows is None else cond_rows
-  time_rows = rows if time_rows is None else time_rows
-  data_fed = _matmul(time_rows, TIME_EMBED_DIM, width) + _matmul(rows, token_dim, width)
-  others = (_matmul(time_rows, width, width) + _matmul(cond_rows, cond_width, width)
-            + depth * (_matmul(rows, width, 3 * width) + 2 * _matmul(rows, width, width))
-            + _matmul(rows, width, 2 * width) + _matmul(rows, width, out_dim or token_dim))
-  return data_fed, others
-
-
-def _training_head(h, tokens: int, token_dim: int, cond_width: int, out_dim: int) -> int:
-  """The head's training FLOPs (forward + backward) on `tokens` tokens x batch_mul draws: the
-  condition projected once per token; MAR's DDPM net embeds its integer timesteps as a table
-  of num_timesteps rows when there are more rows than that (`MarMLPAdaLN`)."""
-  rows = tokens * h.batch_mul
-  time_rows = (min(rows, h.num_timesteps) if h.name == "mar_diffusion" else rows)
-  data_fed, others = _head_net(rows, token_dim, cond_width, h.width, h.depth, out_dim,
-                               cond_rows=tokens, time_rows=time_rows)
-  return 2 * data_fed + 3 * others
-
-
-def _sampling_head(evals: int, calls: int, token_dim: int, cond_width: int, h,
-                   out_dim: Optional[int]) -> int:
-  """`evals` head-net row evaluations made in `calls` net calls of a sampler: every call
-  shares one time t over its rows, which the nets embed once (a scalar t), so the time MLP
-  counts once per call, not once per row."""
-  return sum(_head_net(evals, token_dim, cond_width, h.width, h.depth, out_dim, time_rows=calls))
-
-
-def _vit_blocks(rows: int, keys: int, width: int, mlp_ratio: float, depth: int) -> int:
-  """MAR's timm ViT blocks: q, k, v, proj (W x W), scores and probs.v, fc1 / fc2 (W x rW)."""
-  hidden = int(width * mlp_ratio)
-  return depth * (4 * _matmul(rows, width, width) + 2 * _matmul(rows, width, keys)
-                  + 2 * _matmul(rows, width, hidden))
+def analytic_flops(config, mode: str, batch_size: int) -> dict:
+  """Model FLOPs of one call of the train step, sampler or decode step: {'backbone', 'head',
+  'total'}; matmuls only (2 FLOPs per multiply-add), backward counted as its matmuls."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; known: {MODES}")
+  return registry.flops(config, mode, batch_size)
 
 
 def head_evaluations(config) -> int:
   """Head-net evaluations per sampled token: the ODE's (flow) or the respaced DDPM steps."""
-  s = config.sample
-  if config.head.name == "mar_diffusion":
-    return s.num_steps
-  return ode_evaluations(s.num_steps, s.solver)
-
-
-def _expected_over_mask_law(num_tokens: int, mask_ratio_min: float, mask_ratio_std: float,
-                            f) -> float:
-  """E[f(kept)] for MAR's kept = L - ceil(L r), r ~ N(1, std) truncated to [min, 1]."""
-  r = np.linspace(mask_ratio_min, 1.0, 20001)
-  weights = np.exp(-0.5 * ((r - 1.0) / mask_ratio_std) ** 2)
-  kept = num_tokens - np.maximum(np.ceil(num_tokens * r), 1)
-  # f once per distinct count (at most L + 1 of them), not once per point of the grid.
-  counts, index = np.unique(kept, return_inverse=True)
-  f_kept = np.array([f(count) for count in counts])[index]
-  return float(np.sum(weights * f_kept) / np.sum(weights))
-
-
-def mar_backbone_flops(config, num_tokens: int, token_dim: int, rows: int, known: int,
-                       queries: Optional[int] = None) -> int:
-  """One MAR encoder + decoder forward on `rows` images with `known` unmasked tokens each:
-  z_proj on all L tokens, encoder over buffer + known rows, decoder_embed, decoder over
-  buffer + L rows. With `queries` (z wanted at that many positions per image, as the
-  sampler asks) the last decoder block projects keys and values of all rows but runs the
-  query projection, attention, output projection and MLP on `queries` rows only."""
-  m = config.model
-  we, wd, buf = m.encoder_width, m.decoder_width, m.buffer_size
-  n = buf + known
-  seq = buf + num_tokens
-  full_decoder = m.decoder_depth if queries is None else m.decoder_depth - 1
-  flops = (_matmul(rows * num_tokens, token_dim, we)
-           + _vit_blocks(rows * n, n, we, m.mlp_ratio, m.encoder_depth)
-           + _matmul(rows * n, we, wd)
-           + _vit_blocks(rows * seq, seq, wd, m.mlp_ratio, full_decoder))
-  if queries is not None:
-    hidden = int(wd * m.mlp_ratio)
-    q = rows * queries
-    flops += (2 * _matmul(rows * seq, wd, wd)                        # keys, values
-              + 2 * _matmul(q, wd, wd) + 2 * _matmul(q, wd, seq)      # query, proj; attention
-              + 2 * _matmul(q, wd, hidden))                           # fc1, fc2
-  return flops
-
-
-def _mar_flops(config, mode: str, batch_size: int, tokenizer) -> dict:
-  """`analytic_flops` for the masked family (see there); expected values over the mask law.
-
-  train: z_proj on all L tokens; encoder blocks over buffer + kept rows (unpadded: the
-    padding of the bucketed program is waste), decoder_embed on them; decoder blocks over
-    buffer + L rows, the last one's queries on the masked tokens only; the head net on
-    B * masked * M rows (MAR's loss weights the unmasked tokens by zero, so arjax runs the
-    head on the masked ones; the branch's padding rows are waste). Backward as for the
-    causal family; z_proj's and the head's data-fed layers get 1x.
-  sample: per step k, with B' rows (2B under CFG), the encoder over buffer + known_k,
-    decoder over buffer + L (its last block's queries on the num_pred_k predicted tokens
-    only, as the sampler runs it), the head on B' x num_pred_k tokens x head evaluations.
-    Unpadded counts: the sampler's padding to segment sizes is waste, not model FLOPs.
-  """
-  from arjax.families.masked import sampler as mar_sampling  # the schedule the sampler really runs
-
-  m, h = config.model, config.head
-  d, length = tokenizer.token_dim, tokenizer.num_tokens
-  wd = m.decoder_width
-  out_dim = 2 * d if h.name == "mar_diffusion" else d
-  if mode == "train":
-    z_proj = _matmul(batch_size * length, d, m.encoder_width)
-    law = lambda f: _expected_over_mask_law(length, m.mask_ratio_min, m.mask_ratio_std, f)
-    blocks = law(lambda kept: mar_backbone_flops(config, length, d, batch_size, int(kept),
-                                                 queries=length - int(kept))) - z_proj
-    backbone = 3 * blocks + 2 * z_proj
-    head = law(lambda kept: _training_head(h, batch_size * (length - int(kept)), d, wd, out_dim))
-  else:
-    schedule = mar_sampling.mask_schedule(length, config.sample.num_iter)
-    rows = batch_size * (2 if is_guided(config) else 1)
-    backbone = sum(mar_backbone_flops(config, length, d, rows, int(known), int(pred))
-                   for known, pred in zip(schedule.num_known_before, schedule.num_pred))
-    evals = rows * length * head_evaluations(config)  # every token is predicted once
-    head = _sampling_head(evals, len(schedule.num_pred) * head_evaluations(config), d, wd, h,
-                          out_dim)
-  return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
-
-
-def is_guided(config) -> bool:
-  """Whether sampling runs CFG: the rule of `Sampler.__call__` (a ramp to 1 is the constant 1)."""
-  return config.sample.cfg_scale != 1.0
-
-
-def ode_evaluations(num_steps: int, solver: str) -> int:
-  """Head evaluations per token that the ODE solver needs: Euler 1 per step; Heun 2 per step,
-  but only 1 in the last step, which keeps the Euler value."""
-  return num_steps if solver == "euler" else 2 * num_steps - 1
-
-
-def analytic_flops(config, mode: str, batch_size: int) -> dict:
-  """Model FLOPs of one call of the train step or sampler: {'backbone', 'head', 'total'}.
-
-  Notation: B batch, T tokens of dim D, P class-prefix tokens, W / L backbone
-  width / depth, Hd its SwiGLU hidden, Wh / Lh head width / depth, M = head.batch_mul.
-  Matmuls only (2 FLOPs per multiply-add); norms, softmax, activations, the
-  loss and the optimizer are elementwise and left out.
-
-  train: the teacher-forced backbone over S = P + T - 1 positions (keys = S),
-    with token_in on the T - 1 fed tokens; the head net on B * T * M rows.
-    Backward = 2 x forward (gradients of each matmul's input and weight),
-    except token_in and the head's input projection and first time layer,
-    whose inputs are data: only their weight gradient (1 x forward).
-  sample: with CFG (scale != 1) every row is doubled, B' = 2B, else B' = B.
-    Prefill of the P class tokens, then T - 1 decode steps that feed the
-    tokens x_0 .. x_{T-2} (one position each); every query attends to the
-    whole KV cache of P + T positions (masked, computed in full). The head net
-    runs on B' rows, T tokens x `ode_evaluations` times; its time MLP once per net call
-    (every row of a call shares t, which the nets embed once).
-
-  The sampler as implemented runs slightly more than these model FLOPs: it
-  also feeds the last token (whose z is never used), and Heun's last step
-  evaluates the correction that `jnp.where` then discards; those are waste,
-  which MFU by convention does not credit.
-  """
-  m, h = config.model, config.head
-  # Token shapes only: a VAE tokenizer's weights are not read, so FLOPs need no checkpoint.
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data, abstract=True)
-  if m.family == "mar":
-    return _mar_flops(config, mode, batch_size, tokenizer)
-  d, t = tokenizer.token_dim, tokenizer.num_tokens
-  out_dim = 2 * d if h.name == "mar_diffusion" else d
-  p, w = m.num_class_tokens, m.width
-  hidden = layers.swiglu_hidden(w, m.mlp_ratio)
-  if mode == "train":
-    seq = p + t - 1
-    blocks = _backbone_blocks(batch_size * seq, seq, w, hidden, m.depth)
-    token_in = _matmul(batch_size * (t - 1), d, w)
-    backbone = 3 * blocks + 2 * token_in
-    head = _training_head(h, batch_size * t, d, w, out_dim)
-  elif mode == "sample":
-    rows = batch_size * (2 if is_guided(config) else 1)
-    cache = p + t
-    backbone = (_backbone_blocks(rows * p, cache, w, hidden, m.depth)
-                + _backbone_blocks(rows * (t - 1), cache, w, hidden, m.depth)
-                + _matmul(rows * (t - 1), d, w))
-    evals = rows * t * head_evaluations(config)
-    head = _sampling_head(evals, t * head_evaluations(config), d, w, h, out_dim)
-  elif mode == "decode":
-    # One token step: the head samples a token from z, the backbone feeds it against the
-    # full static cache (every position attends to all P + T slots, masked).
-    rows = batch_size * (2 if is_guided(config) else 1)
-    backbone = (_backbone_blocks(rows, p + t, w, hidden, m.depth) + _matmul(rows, d, w))
-    head = _sampling_head(rows * head_evaluations(config), head_evaluations(config), d, w, h,
-                          out_dim)
-  else:
-    raise ValueError(f"mode={mode!r}; known: {MODES}")
-  return {"backbone": int(backbone), "head": int(head), "total": int(backbone + head)}
+  return registry.head(config).evaluations_per_token(config)
 
 
 # -----------------------------------------------------------------------------
@@ -486,49 +277,22 @@ def decode_positions(num_tokens: int):
 
 
 def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
-  """One token step of the causal sampler (the head samples token i from z_i, the backbone
-  feeds it at position i against the KV cache) timed at the first, middle and last position.
+  """One generation step of the family (`Family.decode_step`: for the causal family the head
+  samples token i from z_i and the backbone feeds it at position i against the KV cache),
+  jitted alone with its state donated, timed at the family's first, middle and last position.
 
-  The step is `arjax.families.causal.sampler.token_step`, the body of the sampler's scan, jitted alone with
-  the cache donated; the position is an argument, so one compilation serves every position.
-  The cache has its full static length at every position (masked attention over all of it),
-  which is what makes the cost flat; the test of that claim is this measurement.
+  The position is an argument, so one compilation serves every position.
   """
-  from arjax.families.causal.model import ARModel
-  from arjax.families.causal.sampler import token_step
-  from arjax.sampling.base import head_with_solver, image_keys
-
-  config = exp.config  # the causal family: `run` refuses others
-  s = config.sample
+  start_fn, step_fn, positions = exp.family.decode_step(exp, batch_size)
   params = _init_params(exp)
-  model, head = exp.model, head_with_solver(exp.head, s.solver)
-  guided = is_guided(config)
-  labels = jnp.arange(batch_size, dtype=jnp.int32) % config.data.num_classes
-  if guided:
-    labels = jnp.concatenate([labels, jnp.full_like(labels, model.backbone.num_classes)])
-  keys = image_keys(jax.random.PRNGKey(s.seed), jnp.arange(batch_size))
-  scale = jnp.float32(s.cfg_scale)
-
-  def prefill(params, labels):
-    cache = model.backbone.init_cache(labels.shape[0], jnp.float32)
-    return model.apply({"params": params}, labels, cache, method=ARModel.prefill)
-
-  def one_token(params, z, cache, position):
-    _, z, cache = token_step(
-        params, z, cache, position, keys, scale, s.temperature, model=model, head=head,
-        guided=guided, num_steps=s.num_steps, cfg_interval=tuple(s.cfg_interval),
-        value_range=exp.tokenizer.value_range)
-    return z, cache
-
-  step = jax.jit(one_token, donate_argnums=(2,))
-  z, cache = jax.jit(prefill)(params, labels)
-  positions = decode_positions(exp.tokenizer.num_tokens)
+  step = jax.jit(step_fn, donate_argnums=(1,))
+  state = jax.jit(start_fn)(params)
 
   def call_at(position):
     def call():
-      nonlocal z, cache
-      z, cache = step(params, z, cache, jnp.int32(position))
-      return z, cache
+      nonlocal state
+      state = step(params, state, jnp.int32(position))
+      return state
     return call
 
   start = time.perf_counter()
@@ -573,15 +337,12 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     config.train.global_batch_size = batch_size
   else:
     batch_size = batch_size or config.sample.batch_size
-  if mode == "decode" and config.model.family != "causal":
-    raise configs.ConfigError(
-        f"--mode=decode times the causal family's KV-cached token step; config.model.family="
-        f"{config.model.family!r} re-runs its encoder and decoder every iteration (bidirectional "
-        "attention keeps no KV cache): time it with --mode=sample")
   try:
     exp = Experiment(config)
   except configs.ConfigError as e:
     raise configs.ConfigError(f"{e} (the benchmark's batch: --batch={batch_size})") from e
+  if mode == "decode":
+    exp.family.decode_step(exp, batch_size)  # a family with no step to time says so here
 
   # The matmul peak is measured before and after the timed calls and the better one kept:
   # shared machines (this project's 2-core CPU) run at half speed for minutes at a time, and
@@ -658,10 +419,9 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
                   cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
                   num_steps=s.num_steps,
-                  solver=None if config.head.name == "mar_diffusion" else s.solver, temperature=s.temperature,
-                  head_evaluations=head_evaluations(config))
-    if config.model.family == "mar":
-      report.update(num_iter=s.num_iter, kept_buckets=s.kept_buckets)
+                  solver=s.solver if exp.head_kind.uses_solver else None,
+                  temperature=s.temperature, head_evaluations=head_evaluations(config))
+    report.update(exp.family.report_fields(config))
   return report
 
 

@@ -31,7 +31,6 @@ What is printed (`describe` returns it as a dict, `format_table` prints it):
 """
 import collections
 import copy
-import functools
 import math
 from typing import Optional
 
@@ -43,9 +42,9 @@ from jax.extend import core as jax_core
 from arjax.perf import bench
 from arjax.config import schema as configs
 from arjax.parallel import sharding
-from arjax import tokenizers
+from arjax import registry
 from arjax.training import state as train_state
-from arjax.families.causal import model as ar_model
+from arjax.util.numbers import binary as _binary, count as _count, flops as _flops
 
 
 def mesh_sizes(config, num_devices: Optional[int] = None) -> dict:
@@ -71,13 +70,13 @@ def shard_shape(shape, mesh_spec, sizes: dict) -> tuple:
 
 def abstract_tokenizer(config):
   """The config's tokenizer with a VAE's weights as shapes only: no checkpoint is read."""
-  return tokenizers.make_tokenizer(config.tokenizer, config.data, abstract=True)
+  return registry.make_tokenizer(config.tokenizer, config.data, abstract=True)
 
 
 def abstract_trees(config, tokenizer):
   """(model params, optimizer state) as boxed ShapeDtypeStructs (logical names kept): what
   the TrainState holds, traced without computing anything."""
-  model, _, _ = ar_model.build(config, tokenizer)
+  model, _, _ = registry.build_model(config, tokenizer)
   optimizer = train_state.make_optimizer(config.train)
   tokens = jnp.zeros((1, tokenizer.num_tokens, tokenizer.token_dim))
   labels = jnp.zeros((1,), jnp.int32)
@@ -126,7 +125,7 @@ def _residual_bytes(config, tokenizer, rows: int) -> int:
   """Bytes of the residuals `jax.vjp` of the config's loss keeps for the backward pass on a
   batch of `rows` images: the jaxpr of the forward pass is traced (nothing runs) and every
   residual that is not an input (parameters pass through as they are) is counted once."""
-  model, _, loss_fn = ar_model.build(config, tokenizer)
+  model, _, loss_fn = registry.build_model(config, tokenizer)
   tokens = jax.ShapeDtypeStruct((rows, tokenizer.num_tokens, tokenizer.token_dim), jnp.float32)
   labels = jax.ShapeDtypeStruct((rows,), jnp.int32)
   params = jax.eval_shape(
@@ -148,21 +147,9 @@ def _residual_bytes(config, tokenizer, rows: int) -> int:
               if not isinstance(v, jax_core.Literal) and id(v) not in inputs}
     return sum(v.aval.size * v.aval.dtype.itemsize for v in unique.values())
 
-  if config.model.family != "mar" or len(loss_fn.keywords["buckets"]) == 1:
-    return residual_bytes(loss_fn)
-  # MAR's step runs one bucket's branch, forward and backward inside it (masked_ar): its
-  # activations are the largest branch's, not all branches' at once.
-  return max(residual_bytes(functools.partial(loss_fn, branch=i))
-             for i in range(len(loss_fn.keywords["buckets"])))
-
-
-def _depth_fields(config) -> tuple:
-  """The config's stacks of identical layers: (section, field) of each depth."""
-  if config.model.family == "mar":
-    stacks = (("model", "encoder_depth"), ("model", "decoder_depth"))
-  else:
-    stacks = (("model", "depth"),)
-  return (*stacks, ("head", "depth"))
+  # A family whose step runs one of several branches, each with its own backward pass
+  # (MAR's buckets), keeps the largest branch's activations, not all branches' at once.
+  return max(residual_bytes(branch) for branch in registry.family(config).loss_branches(loss_fn))
 
 
 def activation_bytes(config, tokenizer, rules, sizes: dict) -> dict:
@@ -189,7 +176,7 @@ def activation_bytes(config, tokenizer, rules, sizes: dict) -> dict:
   rows = -(-config.train.global_batch_size // batch_split)
   # Stacks of equal depth (MAR's encoder and decoder) vary together: one trace fewer.
   groups = collections.defaultdict(list)
-  for section, field in _depth_fields(config):
+  for section, field in registry.family(config).stack_depths(config):
     groups[config[section][field]].append((section, field))
 
   def at_depth_2(varied):
@@ -285,35 +272,10 @@ def describe(config, num_devices: Optional[int] = None) -> dict:
   return d
 
 
-def _count(n: float) -> str:
-  for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-    if n >= scale:
-      return f"{n / scale:.4g}{suffix}"
-  return str(int(n))
-
-
-def _flops(n: float) -> str:
-  for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-    if n >= scale:
-      return f"{n / scale:.3g} {prefix}FLOP"
-  return f"{int(n)} FLOP"
-
-
-def _binary(n: float) -> str:
-  for scale, suffix in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-    if n >= scale:
-      return f"{n / scale:.3g} {suffix}"
-  return f"{int(n)} B"
-
-
 def _model_line(config) -> str:
   m, h = config.model, config.head
-  if m.family == "mar":
-    backbone = (f"mar: encoder {m.encoder_width} x {m.encoder_depth} ({m.encoder_heads} heads), "
-                f"decoder {m.decoder_width} x {m.decoder_depth} ({m.decoder_heads} heads)")
-  else:
-    backbone = f"causal: {m.width} x {m.depth} ({m.num_heads} heads)"
-  return f"{backbone}; head {h.name} {h.width} x {h.depth}; compute {m.dtype}"
+  return (f"{registry.family(config).describe_line(config)}; head {h.name} {h.width} x "
+          f"{h.depth}; compute {m.dtype}")
 
 
 def format_table(config, d: dict, name: Optional[str] = None) -> str:

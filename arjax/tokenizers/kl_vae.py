@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.errors import ConfigError
+from arjax.tokenizers import base
+
 # MAR's latent scale: main_mar.py / engine_mar.py use `posterior.sample().mul_(0.2325)` and
 # `vae.decode(tokens / 0.2325)`, chosen so KL-16 latents have roughly unit variance.
 MAR_LATENT_SCALE = 0.2325
@@ -445,3 +448,65 @@ class KLVAETokenizer:
   def decode(self, tokens):
     latents = self.unpatchify(tokens) / self.latent_scale
     return self.module.apply({"params": self.params}, latents, method=AutoencoderKL.decode)
+
+
+class KLVAEKind(base.TokenizerKind):
+  """`tokenizer.name='kl_vae'`: MAR's KL VAE, frozen; tokens are its scaled latents."""
+  name = "kl_vae"
+  caches_latents = True
+  schema = {
+      # .pth/.ckpt, .npz or .safetensors state dict, or an Orbax params directory; needed.
+      "tokenizer.checkpoint": ((str, type(None)), None, ""),
+      "tokenizer.architecture": ((str,), lambda v: v in ARCHITECTURES,
+                                 f"one of {sorted(ARCHITECTURES)}"),
+      "tokenizer.patch_size": ((int,), lambda v: v > 0, "> 0"),
+      "tokenizer.latent_scale": ((float, int), lambda v: v > 0, "> 0"),
+      "tokenizer.sample_posterior": ((bool,), None, ""),
+  }
+
+  def check(self, config):
+    t, d = config.tokenizer, config.data
+    vae = ARCHITECTURES[t.architecture]
+    stride = vae.downsample_factor * t.patch_size
+    if d.image_size % stride:
+      raise ConfigError(
+          f"config.data.image_size={d.image_size} must be a multiple of {stride}: the VAE stride "
+          f"{vae.downsample_factor} (config.tokenizer.architecture={t.architecture!r}) times "
+          f"config.tokenizer.patch_size={t.patch_size}")
+    if d.channels != vae.in_channels:
+      raise ConfigError(f"config.data.channels={d.channels}: the VAE "
+                        f"config.tokenizer.architecture={t.architecture!r} reads "
+                        f"{vae.in_channels}-channel images")
+
+  def make(self, tok_cfg, data_cfg, *, abstract=False):
+    if tok_cfg.architecture not in ARCHITECTURES:
+      raise ConfigError(f"config.tokenizer.architecture={tok_cfg.architecture!r}: must be one of "
+                        f"{sorted(ARCHITECTURES)}")
+    vae_cfg = ARCHITECTURES[tok_cfg.architecture]
+    params = param_shapes(vae_cfg) if abstract else load_params(tok_cfg)
+    return KLVAETokenizer(params, vae_cfg, image_size=data_cfg.image_size,
+                          patch_size=tok_cfg.patch_size, latent_scale=float(tok_cfg.latent_scale),
+                          sample_posterior=tok_cfg.sample_posterior)
+
+
+def load_params(tok_cfg):
+  """The weights `config.tokenizer.checkpoint` names, for `config.tokenizer.architecture`.
+
+  Errors name the field and the path: ConfigError when unset or not that architecture's
+  weights, FileNotFoundError when nothing is at the path.
+  """
+  # The weight files' readers import this module's architectures.
+  from arjax.tokenizers import kl_vae_weights  # pylint: disable=import-outside-toplevel
+
+  path = tok_cfg.checkpoint
+  if path is None:
+    raise ConfigError(
+        "config.tokenizer.checkpoint is None: the KL VAE needs its weights (an .npz or "
+        ".safetensors state dict, or a directory written by `python -m arjax convert`)")
+  try:
+    return kl_vae_weights.load_vae_params(path, ARCHITECTURES[tok_cfg.architecture])
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.tokenizer.checkpoint={path!r}: {e}") from e
+  except ValueError as e:
+    raise ConfigError(f"config.tokenizer.checkpoint={path!r} "
+                      f"(config.tokenizer.architecture={tok_cfg.architecture!r}): {e}") from e

@@ -9,6 +9,9 @@ A patch's channels-last pixels are flattened (row, column, channel) into D = p*p
 import dataclasses
 
 
+from arjax.errors import ConfigError
+from arjax.tokenizers import base
+
 
 @dataclasses.dataclass(frozen=True)
 class Patchify:
@@ -53,3 +56,21 @@ class Patchify:
     p, g, c = self.patch_size, self.grid, self.channels
     x = (tokens / self.scale).reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, g * p, g * p, c)
+
+
+class PatchifyKind(base.TokenizerKind):
+  """`tokenizer.name='patchify'`: non-overlapping pixel patches, scaled."""
+  name = "patchify"
+  schema = {
+      "tokenizer.patch_size": ((int,), lambda v: v > 0, "> 0"),
+      "tokenizer.scale": ((float, int), lambda v: v > 0, "> 0"),
+  }
+
+  def check(self, config):
+    if config.data.image_size % config.tokenizer.patch_size:
+      raise ConfigError(f"config.tokenizer.patch_size={config.tokenizer.patch_size} must divide "
+                        f"config.data.image_size={config.data.image_size}")
+
+  def make(self, tok_cfg, data_cfg, *, abstract=False):
+    return Patchify(patch_size=tok_cfg.patch_size, image_size=data_cfg.image_size,
+                    channels=data_cfg.channels, scale=tok_cfg.scale)

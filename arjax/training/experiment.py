@@ -3,31 +3,27 @@
 Kept apart from the training loop so that code which only computes (the
 sampler, `bench`, notebooks) needs no data pipeline or checkpoint stack.
 """
-import jax.numpy as jnp
-
+from arjax import registry
 from arjax.config import schema as configs
 from arjax.parallel import sharding
-from arjax import tokenizers
 from arjax.training import state as train_state
 from arjax.training import step as train_step
-from arjax.families.causal import model as ar_model
-from arjax.families.masked.sampler import MarSampler
-from arjax.families.causal.sampler import Sampler
 
 
 class Experiment:
   """Everything built from a config: tokenizer, model, head, mesh, optimizer."""
 
   def __init__(self, config, mesh=None):
-    configs.validate(config)
+    registry.validate(config)
     self.config = config
-    self.tokenizer = tokenizers.make_tokenizer(config.tokenizer, config.data)
-    self.model, self.head, self.loss_fn = ar_model.build(config, self.tokenizer)
+    self.family = registry.family(config)
+    self.head_kind = registry.head(config)
+    self.tokenizer = registry.make_tokenizer(config.tokenizer, config.data)
+    self.model, self.head, self.loss_fn = registry.build_model(config, self.tokenizer)
     self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     self.rules = sharding.rules_from_config(config.sharding)
     self.optimizer = train_state.make_optimizer(config.train)
-    self.example_tokens = jnp.zeros((1, self.tokenizer.num_tokens, self.tokenizer.token_dim))
-    self.example_labels = jnp.zeros((1,), jnp.int32)
+    self.example_tokens, self.example_labels = self.family.example_inputs(self.tokenizer)
     batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch = config.train.global_batch_size
     if batch % batch_devices:
@@ -55,10 +51,5 @@ class Experiment:
 
   def sampler(self):
     """The family's sampler: images = sampler(params, labels, rng, cfg_scale=..., ...)."""
-    s = self.config.sample
-    if self.config.model.family == "mar":
-      return MarSampler(self.model, self.head, self.tokenizer, num_iter=s.num_iter,
-                        num_steps=s.num_steps, solver=s.solver,
-                        cfg_interval=tuple(s.cfg_interval), kept_buckets=s.kept_buckets)
-    return Sampler(self.model, self.head, self.tokenizer, num_steps=s.num_steps, solver=s.solver,
-                   cfg_interval=tuple(s.cfg_interval))
+    return self.family.sampler(self.model, self.head, self.tokenizer, self.config,
+                               mesh=self.mesh, rules=self.rules)

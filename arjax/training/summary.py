@@ -1,7 +1,7 @@
 """What a run is about to do, said before it spends minutes compiling: the start-up summaries.
 
 `train` prints where it runs (devices, processes, mesh), what it trains (parameters, analytic
-FLOPs per step from `arjax.perf.bench.analytic_flops`), on what (examples, batch, steps, epochs) and
+FLOPs per step from the family's and head's accounting, `arjax.registry.flops`), on what (examples, batch, steps, epochs) and
 where it writes (workdir, fresh or resumed); `sample` and `eval` print a line or two. Pure
 functions of their arguments, so the tests read the text without running anything.
 """
@@ -10,8 +10,8 @@ from typing import Optional
 
 import jax
 
-from arjax.perf import bench
-from arjax.perf.describe import _count, _flops
+from arjax import registry
+from arjax.util.numbers import count as _count, flops as _flops
 
 
 def count_parameters(tree) -> int:
@@ -47,7 +47,7 @@ def training(config, mesh, workdir: str, *, num_params: int, num_examples: int,
   the step of the checkpoint restored from `checkpoints`, None on a fresh start."""
   c = config
   batch, steps = c.train.global_batch_size, c.train.num_steps
-  flops = bench.analytic_flops(c, "train", batch)
+  flops = registry.flops(c, "train", batch)
   epochs = steps * batch / max(num_examples, 1)
   source = (f"latent cache {c.data.latents}" if c.data.latents is not None
             else f"TFDS {c.data.name!r}")
@@ -69,7 +69,7 @@ def training(config, mesh, workdir: str, *, num_params: int, num_examples: int,
 def sampling(config, mesh, workdir: str, *, step: int, num_images: int) -> str:
   """One line for `sample`: what is drawn, how, from which checkpoint, where."""
   s = config.sample
-  cfg = ("no CFG" if not bench.is_guided(config)
+  cfg = ("no CFG" if s.cfg_scale == 1.0
          else f"CFG {s.cfg_scale:g} ({s.cfg_schedule})")
   return (f"arjax sample: {num_images} images in batches of {s.batch_size} from checkpoint step "
           f"{step} in {workdir} ({'EMA' if s.use_ema else 'raw'} params; {cfg}, temperature "

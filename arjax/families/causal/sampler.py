@@ -24,11 +24,9 @@ num_steps <= 0 fail with a ValueError naming the argument.
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from arjax.families.causal.model import ARModel
 from arjax.heads import noise as noise_draws

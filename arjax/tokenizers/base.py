@@ -1,0 +1,33 @@
+"""The tokenizer plug-in: images <-> continuous tokens, chosen by `config.tokenizer.name`.
+
+`TokenizerKind.make` returns the tokenizer object, which keeps the contract of
+`arjax/tokenizers/__init__.py` (encode, decode, num_tokens, token_dim, value_range).
+
+Token layout. A tokenizer's tokens are a flat `[B, T, D]` sequence in raster order unless it
+says otherwise through `tokenizer.layout` (default 'flat'). A family that needs structure on
+top of the flat sequence (a pyramid of scales, a sequence of k x k cells) derives it from the
+tokenizer's `grid` (the token map's side) and declares the layout it needs; the tokenizer
+never has to know the family.
+"""
+import abc
+
+from arjax.config.schema import Schema
+
+
+class TokenizerKind(abc.ABC):
+  """A kind of tokenizer: its config fields and how to build one."""
+
+  #: `config.tokenizer.name` of this kind.
+  name: str = ""
+  #: Its `config.tokenizer.*` fields.
+  schema: Schema = {}
+  #: Whether it can train from a latent cache (`config.data.latents`, `cache_latents`).
+  caches_latents: bool = False
+
+  def check(self, config) -> None:
+    """Cross-field rules beyond the schema (e.g. the image size against the stride)."""
+
+  @abc.abstractmethod
+  def make(self, tok_cfg, data_cfg, *, abstract: bool = False):
+    """The tokenizer. `abstract`: weights as shapes only (no file read), enough for token
+    shapes, FLOPs and `jax.eval_shape` model building."""
