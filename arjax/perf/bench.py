@@ -97,9 +97,8 @@ DATASHEET_PEAK_FLOPS = {
 }
 
 # Per-device side of the square matmul that measures the peak. Accelerators need a
-# large one to reach their matrix units' throughput. On a 2-core CPU, 512 gave
-# 215-410 GFLOP/s from run to run (too short to time: ~1 ms) and 1024 gave
-# 377-406, the same as 2048; 1024 keeps the measurement about a second.
+# large one to reach their matrix units' throughput; on CPU 1024 is as fast as 2048 and
+# long enough to time (the measurements: BENCHMARKS.md, "How bench measures the peak").
 _PEAK_MATMUL_SIZE = {"cpu": 1024}
 _PEAK_MATMUL_SIZE_DEFAULT = 8192
 
@@ -345,8 +344,8 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     exp.family.decode_step(exp, batch_size)  # a family with no step to time says so here
 
   # The matmul peak is measured before and after the timed calls and the better one kept:
-  # shared machines (this project's 2-core CPU) run at half speed for minutes at a time, and
-  # one short reading in such a spell made an MFU over 100% (BENCHMARKS.md, 2026-12-01).
+  # shared machines run at half speed for minutes at a time (BENCHMARKS.md, "How bench
+  # measures the peak").
   # (CPU only: on an accelerator the first reading would count in peak_memory_bytes.)
   on_cpu = jax.devices()[0].platform == "cpu"
   peak_before = measure_peak_flops(jnp.float32) if on_cpu else None
