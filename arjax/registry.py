@@ -18,7 +18,7 @@ from typing import Dict
 
 from arjax.config import schema as config_schema
 from arjax.errors import ConfigError
-from arjax.families.base import Family
+from arjax.families.base import Family, compute_dtype
 from arjax.families.causal.family import CausalFamily
 from arjax.families.masked.family import MaskedFamily
 from arjax.heads.base import Head
@@ -132,12 +132,9 @@ def build_model(config, tokenizer):
 
   `loss(params, tokens, labels, rng)` is the family's training objective (a scalar).
   """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
   fam, hd = family(config), head(config)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
   net, algorithm = hd.build(config, token_dim=tokenizer.token_dim,
-                            cond_width=fam.cond_width(config), dtype=dtype)
+                            cond_width=fam.cond_width(config), dtype=compute_dtype(config))
   model, loss = fam.build(config, tokenizer, net, algorithm)
   return model, algorithm, loss
 

@@ -42,6 +42,12 @@ BLOCK_STACK_SCHEMA: Schema = {
 }
 
 
+def compute_dtype(config):
+  """The jnp dtype `config.model.dtype` names ('float32' or 'bfloat16')."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+
+
 class Family(abc.ABC):
   """A model family (see the module docstring for what each method is for)."""
 
@@ -87,10 +93,9 @@ class Family(abc.ABC):
 
     if mode not in ("train", "sample"):
       raise ValueError(f"mode={mode!r}: family {self.name!r} counts 'train' and 'sample'")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
     width = self.cond_width(config)
     net, algorithm = head_kind.build(config, token_dim=tokenizer.token_dim, cond_width=width,
-                                     dtype=dtype)
+                                     dtype=compute_dtype(config))
     model, loss = self.build(config, tokenizer, net, algorithm)
     params = jax.eval_shape(lambda: nn.meta.unbox(
         model.init(jax.random.PRNGKey(0), *self.example_inputs(tokenizer))["params"]))

@@ -60,7 +60,7 @@ class CausalFamily(base.Family):
 
   def build(self, config, tokenizer, head_net, head):
     m = config.model
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+    dtype = base.compute_dtype(config)
     backbone = CausalTransformer(
         num_tokens=tokenizer.num_tokens, token_dim=tokenizer.token_dim, width=m.width,
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,

@@ -8,7 +8,6 @@ checkpoints import into this family (arjax/convert/official.py).
 import functools
 from typing import Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 from arjax.config.schema import check_divisible, positive
@@ -96,7 +95,7 @@ class MaskedFamily(base.Family):
 
   def build(self, config, tokenizer, head_net, head):
     m = config.model
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+    dtype = base.compute_dtype(config)
     backbone = MarBackbone(
         seq_len=tokenizer.num_tokens, token_dim=tokenizer.token_dim,
         encoder_embed_dim=m.encoder_width, encoder_depth=m.encoder_depth,
