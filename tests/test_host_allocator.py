@@ -10,7 +10,7 @@ import pytest
 from arjax.parallel import host_allocator
 
 # A backward pass over 32 MiB activations (at glibc's mmap limit): the minor page faults of
-# each of 8 calls after two warm-up ones.
+# each of 16 calls after three warm-up ones.
 _PROBE = textwrap.dedent("""
     import resource
     from arjax.parallel import host_allocator
@@ -22,14 +22,14 @@ _PROBE = textwrap.dedent("""
       return jnp.sum(x ** 2)
     grad = jax.jit(jax.grad(loss))
     w, x = jnp.full((256, 256), 0.01), jnp.ones((32768, 256))
-    for _ in range(2):
+    for _ in range(3):
       jax.block_until_ready(grad(w, x))
     faults = []
-    for _ in range(8):
+    for _ in range(16):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       jax.block_until_ready(grad(w, x))
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print("faults", sorted(faults)[len(faults) // 2])
+    print("faults", ",".join(map(str, faults)))
 """)
 
 
@@ -41,7 +41,7 @@ def _probe(setting):
     env[host_allocator.ENV] = setting
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
                        timeout=300, check=True).stdout.split()
-  return out[1] == "True", int(out[3])
+  return out[1] == "True", [int(f) for f in out[3].split(",")]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
@@ -50,10 +50,12 @@ def test_large_temporaries_are_not_faulted_in_again_on_each_call():
   assert applied
   system_applied, system_faults = _probe("system")
   assert not system_applied
-  # Median call: glibc's own policy faults ~40k pages (160 MB) in afresh; kept memory none
-  # (the heap still settles now and then: a call in a few grows it once more).
-  assert system_faults > 20_000, system_faults
-  assert faults < 1_000, faults
+  # glibc's own policy faults ~40k pages (160 MB) in afresh on every call. With freed memory
+  # kept, a call faults nothing once the heap has reached its high-water mark; until then a
+  # call whose threads happen to hold more temporaries at once grows it (by ~40k pages, a
+  # few times per process, more often on a loaded machine: measured 1-5 in 40 calls idle).
+  assert min(system_faults) > 20_000, system_faults
+  assert sum(f < 1_000 for f in faults) >= len(faults) // 2, faults
 
 
 def test_cpu_backend_expected_follows_jax_platforms(monkeypatch):
