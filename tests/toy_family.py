@@ -20,7 +20,7 @@ from arjax import registry
 from arjax.config.schema import positive
 from arjax.families import base
 from arjax.heads import noise as noise_draws
-from arjax.sampling.base import (cfg_schedule, check_num_steps, check_request, head_with_solver,
+from arjax.sampling.base import (ImageSampler, cfg_schedule, check_num_steps, head_with_solver,
                                  image_keys)
 
 
@@ -68,8 +68,9 @@ def bag_loss(params, tokens, labels, rng, *, model, head, label_drop, num_classe
 
 
 @dataclasses.dataclass
-class BagSampler:
-  """All tokens of a batch in one head call; per-image seeds as every arjax sampler."""
+class BagSampler(ImageSampler):
+  """All tokens of a batch in one head call. The call, request checks, compiled-program cache
+  and per-image seeds are ImageSampler's."""
   model: BagModel
   head: object
   tokenizer: object
@@ -80,9 +81,15 @@ class BagSampler:
   def __post_init__(self):
     check_num_steps(self.num_steps, self.head)
     self._head = head_with_solver(self.head, self.solver)
-    self._jitted = {}
 
-  def _sample(self, params, labels, rng, scales, temperature, image_ids, *, guided):
+  @property
+  def num_classes(self):
+    return self.model.backbone.num_classes
+
+  def guidance_scales(self, cfg_scale, cfg_schedule_name):
+    return cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
+
+  def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
     apply = functools.partial(self.model.apply, {"params": params})
     b, t, d = labels.shape[0], self.tokenizer.num_tokens, self.tokenizer.token_dim
     rows = jnp.concatenate([labels, jnp.full_like(labels, self.model.backbone.num_classes)]) \
@@ -98,18 +105,6 @@ class BagSampler:
                                cfg_interval=self.cfg_interval)
     tokens = jnp.clip(tokens, *self.tokenizer.value_range) if self.tokenizer.value_range else tokens
     return self.tokenizer.decode(tokens.reshape(b, t, d))
-
-  def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
-               temperature=1.0, first_index=0):
-    check_request(labels, num_classes=self.model.backbone.num_classes, cfg_scale=cfg_scale,
-                  temperature=temperature, first_index=first_index)
-    guided = cfg_scale != 1.0
-    if guided not in self._jitted:
-      self._jitted[guided] = jax.jit(functools.partial(self._sample, guided=guided))
-    labels = jnp.asarray(labels, jnp.int32)
-    ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
-    scales = cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
-    return self._jitted[guided](params, labels, rng, scales, jnp.float32(temperature), ids)
 
 
 class BagFamily(base.Family):

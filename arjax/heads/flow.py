@@ -13,54 +13,19 @@ by c = embed(t) + proj(z); the modulation and output layers start at zero, so
 an untrained head predicts v = 0 and training starts from a calm point.
 """
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from arjax.layers import transformer as layers
+from arjax.layers import adaln, dense as dense_lib
 from arjax.heads.condition import fused_modulations, shared_condition
 from arjax.heads import accounting, base
 from arjax.heads import noise as noise_draws
 
 Dtype = Any
 NetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as diffusion heads do)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  # A scalar t (one time for every row) embeds as one row, broadcast by the caller.
-  args = (1000.0 * jnp.reshape(t, (-1,)).astype(jnp.float32))[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def _modulate(x, shift, scale):
-  return x * (1 + scale) + shift
-
-
-class _ResBlock(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, c, modulation=None):
-    """modulation: the block's modulation(SiLU(c)) when the net computed it (fused)."""
-    width = h.shape[-1]
-    if modulation is None:
-      modulation = nn.Dense(3 * width, dtype=self.dtype, name="modulation",
-                            kernel_init=layers.zeros_init(("mlp", "mlp_out")),
-                            bias_init=layers.zeros_init(("mlp_out",)))(nn.silu(c))
-    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
-    y = nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h)
-    y = _modulate(y, shift, scale)
-    y = nn.Dense(width, dtype=self.dtype, name="fc1", kernel_init=layers.dense_init(("mlp", "mlp_out")),
-                 bias_init=layers.zeros_init(("mlp_out",)))(y)
-    y = nn.Dense(width, dtype=self.dtype, name="fc2", kernel_init=layers.dense_init(("mlp_out", "mlp")),
-                 bias_init=layers.zeros_init(("mlp",)))(nn.silu(y))
-    return h + gate * y
 
 
 class FlowHeadNet(nn.Module):
@@ -78,29 +43,24 @@ class FlowHeadNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_t, t, z):
-    dense = lambda feats, axes, name, init=layers.dense_init: nn.Dense(
-        feats, dtype=self.dtype, name=name, kernel_init=init(axes),
-        bias_init=layers.zeros_init(axes[-1:]))
-    t_emb = timestep_embedding(t, 256).astype(self.dtype)
+    dense = lambda feats, axes, name: dense_lib.dense(feats, axes, dtype=self.dtype, name=name)
+    t_emb = adaln.timestep_embedding(t, 256, time_scale=1000.0).astype(self.dtype)
     t_emb = dense(self.width, ("mlp", "mlp_out"), "time_mlp2")(
         nn.silu(dense(self.width, ("time", "mlp"), "time_mlp1")(t_emb)))
     h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
     c = t_emb + shared_condition(
         dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
     if self.is_initializing():  # init creates each block's own Dense
-      modulations = [None] * self.depth + [
-          dense(2 * self.width, ("mlp", "mlp_out"), "final_modulation", layers.zeros_init)(
-              nn.silu(c))]
+      modulations = [None] * self.depth + [adaln.modulation_layer(
+          self.width, 2, name="final_modulation", dtype=self.dtype)(nn.silu(c))]
     else:  # one matmul for every block's modulation (`heads.condition.fused_modulations`)
       modulations = fused_modulations(
           nn.meta.unbox(self.variables["params"]),
           [(f"block_{i}", "modulation") for i in range(self.depth)] + [("final_modulation",)],
           nn.silu(c), self.dtype)
     for i in range(self.depth):
-      h = _ResBlock(dtype=self.dtype, name=f"block_{i}")(h, c, modulations[i])
-    shift, scale = jnp.split(modulations[-1], 2, axis=-1)
-    h = _modulate(nn.LayerNorm(1e-6, use_scale=False, use_bias=False, dtype=self.dtype)(h), shift, scale)
-    v = dense(self.token_dim, ("mlp", "token"), "output", layers.zeros_init)(h)
+      h = adaln.AdaLNResBlock(dtype=self.dtype, name=f"block_{i}")(h, c, modulations[i])
+    v = adaln.modulated_output(h, modulations[-1], self.token_dim, name="output", dtype=self.dtype)
     return v.astype(jnp.float32)
 
 

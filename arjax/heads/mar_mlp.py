@@ -17,13 +17,12 @@ when `learn_sigma`: [:, :C] = predicted eps, [:, C:] = the LEARNED_RANGE interpo
 Initialisation follows MAR's `initialize_weights`: zero adaLN modulation and final linear,
 so an untrained head predicts eps = 0 and v = 0.
 """
-import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from arjax.layers import transformer as layers
+from arjax.layers import adaln, dense as dense_lib
 from arjax.heads.condition import fused_modulations, shared_condition
 
 Dtype = Any
@@ -33,38 +32,8 @@ def mar_timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
   """`TimestepEmbedder.timestep_embedding` (diffloss.py): [cos | sin] of t * freqs, float32.
 
   t is NOT rescaled (MAR feeds the integer 0..999 timestep cast to float); cos comes first.
-  Computed in float32 like the original: arguments reach ~1000 rad, so any other precision
-  would move the embedding further from the reference than the f32 noise floor.
   """
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  # A scalar t (one timestep for every row) embeds as one row, broadcast by the caller.
-  args = jnp.reshape(t, (-1,)).astype(jnp.float32)[:, None] * freqs[None]
-  embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
-  return embedding
-
-
-def _modulate(x, shift, scale):
-  # diffloss.py `modulate`.
-  return x * (1 + scale) + shift
-
-
-def _dense(features, axes, name, dtype, zero=False):
-  init = layers.zeros_init if zero else layers.dense_init
-  return nn.Dense(features, dtype=dtype, name=name, kernel_init=init(axes),
-                  bias_init=layers.zeros_init(axes[-1:]))
-
-
-def _layer_norm(name, dtype, affine: bool):
-  # PyTorch LayerNorm: biased variance, eps inside the sqrt, eps=1e-6 in diffloss.py.
-  return nn.LayerNorm(
-      epsilon=1e-6, use_scale=affine, use_bias=affine, dtype=dtype, name=name,
-      # Two-pass variance like torch (E[x^2] - E[x]^2 loses digits when |mean| >> std).
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=layers.zeros_init(("norm",)))
+  return adaln.timestep_embedding(t, dim, max_period=max_period)
 
 
 class _TimestepEmbedder(nn.Module):
@@ -76,27 +45,14 @@ class _TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t):
     t_freq = mar_timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
-    h = _dense(self.width, ("time", "mlp"), "mlp_0", self.dtype)(t_freq)
-    return _dense(self.width, ("mlp", "mlp_out"), "mlp_2", self.dtype)(nn.silu(h))
+    dense = lambda axes, name: dense_lib.dense(self.width, axes, dtype=self.dtype, name=name)
+    return dense(("mlp", "mlp_out"), "mlp_2")(nn.silu(dense(("time", "mlp"), "mlp_0")(t_freq)))
 
 
-class _ResBlock(nn.Module):
-  """diffloss.py `ResBlock`: x + gate * mlp(modulate(in_ln(x), shift, scale))."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, y, modulation=None):
-    """modulation: adaLN_modulation(y) when the parent computed it (fused_modulations)."""
-    width = x.shape[-1]
-    if modulation is None:
-      modulation = _dense(3 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype,
-                          zero=True)(nn.silu(y))
-    # Chunk order shift, scale, gate (adaLN_modulation(y).chunk(3, dim=-1)).
-    shift, scale, gate = jnp.split(modulation, 3, axis=-1)
-    h = _modulate(_layer_norm("in_ln", self.dtype, affine=True)(x), shift, scale)
-    h = _dense(width, ("mlp", "mlp_out"), "mlp_0", self.dtype)(h)
-    h = _dense(width, ("mlp_out", "mlp"), "mlp_2", self.dtype)(nn.silu(h))
-    return x + gate * h
+# diffloss.py `ResBlock`: adaLN_modulation = Sequential(SiLU, Linear) -> `adaLN_modulation_1`;
+# mlp = Sequential(Linear, SiLU, Linear) -> `mlp_0`, `mlp_2`; torch's two-pass LayerNorm.
+_RES_BLOCK_NAMES = adaln.AdaLNNames(modulation="adaLN_modulation_1", fc1="mlp_0", fc2="mlp_2",
+                                    norm="in_ln")
 
 
 class _FinalLayer(nn.Module):
@@ -106,13 +62,11 @@ class _FinalLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, y, modulation=None):
-    width = x.shape[-1]
     if modulation is None:
-      modulation = _dense(2 * width, ("mlp", "mlp_out"), "adaLN_modulation_1", self.dtype,
-                          zero=True)(nn.silu(y))
-    shift, scale = jnp.split(modulation, 2, axis=-1)
-    h = _modulate(_layer_norm("norm_final", self.dtype, affine=False)(x), shift, scale)
-    return _dense(self.out_channels, ("mlp", "token"), "linear", self.dtype, zero=True)(h)
+      modulation = adaln.modulation_layer(x.shape[-1], 2, name="adaLN_modulation_1",
+                                          dtype=self.dtype)(nn.silu(y))
+    return adaln.modulated_output(x, modulation, self.out_channels, name="linear",
+                                  dtype=self.dtype, fast_variance=False, norm_name="norm_final")
 
 
 class MarMLPAdaLN(nn.Module):
@@ -144,8 +98,8 @@ class MarMLPAdaLN(nn.Module):
   @nn.compact
   def __call__(self, x_t, t, c):
     # SimpleMLPAdaLN.forward: x = input_proj(x); y = time_embed(t) + cond_embed(c).
-    h = _dense(self.model_channels, ("token", "mlp"), "input_proj", self.dtype)(
-        x_t.astype(self.dtype))
+    h = dense_lib.dense(self.model_channels, ("token", "mlp"), dtype=self.dtype,
+                        name="input_proj")(x_t.astype(self.dtype))
     time_embed = _TimestepEmbedder(self.model_channels, self.frequency_embedding_size,
                                    self.dtype, name="time_embed")
     t = jnp.asarray(t)
@@ -154,8 +108,8 @@ class MarMLPAdaLN(nn.Module):
       t_emb = jnp.take(time_embed(jnp.arange(self.num_timesteps)), t, axis=0)
     else:
       t_emb = time_embed(t)
-    c_emb = _dense(self.model_channels, ("embed", "mlp_out"), "cond_embed", self.dtype)(
-        c.astype(self.dtype))
+    c_emb = dense_lib.dense(self.model_channels, ("embed", "mlp_out"), dtype=self.dtype,
+                            name="cond_embed")(c.astype(self.dtype))
     y = t_emb + shared_condition(c_emb, h.shape[0])
     owners = [f"res_blocks_{i}" for i in range(self.num_res_blocks)] + ["final_layer"]
     modulations = [None] * len(owners)
@@ -164,6 +118,7 @@ class MarMLPAdaLN(nn.Module):
           nn.meta.unbox(self.variables["params"]),
           [(owner, "adaLN_modulation_1") for owner in owners], nn.silu(y), self.dtype)
     for i in range(self.num_res_blocks):
-      h = _ResBlock(self.dtype, name=owners[i])(h, y, modulations[i])
+      h = adaln.AdaLNResBlock(_RES_BLOCK_NAMES, fast_variance=False, dtype=self.dtype,
+                              name=owners[i])(h, y, modulations[i])
     out = _FinalLayer(self.out_channels, self.dtype, name="final_layer")(h, y, modulations[-1])
     return out.astype(jnp.float32)

@@ -1,117 +1,26 @@
-"""Transformer building blocks with logical axis names and an explicit KV cache.
-
-Every parameter is created through `nn.with_logical_partitioning`, so the one
-rules table in the config (see `arjax.parallel.sharding`) decides how it is sharded.
+"""The causal family's decoder block, and stacks of identical blocks (unrolled or scanned).
 
 Choices (documented in docs/model.md, "The causal model"):
   * pre-norm blocks with RMSNorm: no mean subtraction, one parameter vector,
     the norm of LLaMA-style decoders; cheaper than LayerNorm and as stable here.
-  * SwiGLU MLP (Shazeer 2020): gated MLPs train faster per FLOP than GELU MLPs
-    at equal parameter count; the hidden width is 2/3 of `mlp_ratio * width`
+  * SwiGLU MLP (`arjax.layers.mlp`); the hidden width is 2/3 of `mlp_ratio * width`
     (rounded up to a multiple of 32) so the parameter count matches a plain
     MLP of that ratio.
   * learned absolute position embeddings (in the backbone): sequences have a
     fixed length per config, so nothing is gained from RoPE's extrapolation.
 
-The KV cache is a plain pytree `{'k': [B, S, H, Dh], 'v': [B, S, H, Dh]}` per
-layer that callers pass in and get back: the modules hold no hidden state.
+The attention, its masks and KV cache are `arjax.layers.attention`'s.
 """
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from arjax.layers import attention, dense as dense_lib, mlp
+from arjax.layers.attention import KVCache
+
 Dtype = Any
-KVCache = dict  # {'k': [B, S, H, Dh], 'v': [B, S, H, Dh]}
-
-
-def dense_init(axes: Tuple[Optional[str], ...], scale: float = 1.0):
-  """Fan-in scaled normal init tagged with logical axis names."""
-  init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-  return nn.with_logical_partitioning(init, axes)
-
-
-def zeros_init(axes: Tuple[Optional[str], ...]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-class RMSNorm(nn.Module):
-  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-    return (x32 * scale).astype(self.dtype)
-
-
-class Attention(nn.Module):
-  """Multi-head causal self-attention; with `cache`, writes keys/values at `index`."""
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, cache: Optional[KVCache] = None, index=None):
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    proj = lambda name, bias=True: nn.DenseGeneral(
-        (self.num_heads, head_dim), axis=-1, dtype=self.dtype, name=name, use_bias=bias,
-        kernel_init=dense_init(("embed", "heads", "kv")),
-        bias_init=zeros_init(("heads", "kv")))
-    # No key bias: it adds q.b_k to every logit of a query alike, which softmax
-    # cancels; its gradient is exactly zero and Adam would only amplify rounding noise.
-    q, k, v = proj("query")(x), proj("key", bias=False)(x), proj("value")(x)  # [B, n, H, Dh]
-    n = x.shape[1]
-    if cache is None:
-      keys, values = k, v
-      query_pos = jnp.arange(n)
-      new_cache = None
-    else:
-      # Positions [index, index + n) of the cache receive this call's tokens.
-      keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-      values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-      query_pos = index + jnp.arange(n)
-      new_cache = {"k": keys, "v": values}
-    key_pos = jnp.arange(keys.shape[1])
-    causal = key_pos[None, :] <= query_pos[:, None]  # [n, S]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(q.dtype)).astype(jnp.float32)
-    logits = logits * (head_dim ** -0.5)
-    logits = jnp.where(causal[None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(self.dtype))
-    out = nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=dense_init(("heads", "kv", "embed")),
-        bias_init=zeros_init(("embed",)))(out)
-    return out, new_cache
-
-
-class SwiGLU(nn.Module):
-  hidden: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    dense = lambda feats, axes, name: nn.Dense(
-        feats, dtype=self.dtype, name=name, kernel_init=dense_init(axes),
-        bias_init=zeros_init(axes[-1:]))
-    gate = dense(self.hidden, ("embed", "mlp"), "gate")(x)
-    up = dense(self.hidden, ("embed", "mlp"), "up")(x)
-    return dense(width, ("mlp", "embed"), "down")(nn.silu(gate) * up)
-
-
-def swiglu_hidden(width: int, mlp_ratio: float, multiple_of: int = 32) -> int:
-  """2/3 of mlp_ratio * width (SwiGLU's parameter parity), rounded up so the
-  hidden axis splits evenly over tensor-parallel meshes."""
-  hidden = int(2 * mlp_ratio * width / 3)
-  return -(-hidden // multiple_of) * multiple_of
 
 
 class DecoderBlock(nn.Module):
@@ -123,13 +32,14 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, cache: Optional[KVCache] = None, index=None):
     width = x.shape[-1]
-    hidden = swiglu_hidden(width, self.mlp_ratio)
-    h, new_cache = Attention(self.num_heads, dtype=self.dtype, name="attn")(
-        RMSNorm(dtype=self.dtype, name="attn_norm")(x), cache=cache, index=index)
+    hidden = mlp.swiglu_hidden(width, self.mlp_ratio)
+    h, new_cache = attention.Attention(self.num_heads, mask="causal", dtype=self.dtype,
+                                       key_bias=False, name="attn")(
+        dense_lib.RMSNorm(dtype=self.dtype, name="attn_norm")(x), cache=cache, index=index)
     x = x + h
-    x = x + SwiGLU(hidden, dtype=self.dtype, name="mlp")(
-        RMSNorm(dtype=self.dtype, name="mlp_norm")(x))
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = x + mlp.SwiGLU(hidden, dtype=self.dtype, name="mlp")(
+        dense_lib.RMSNorm(dtype=self.dtype, name="mlp_norm")(x))
+    x = dense_lib.constrain(x, ("batch", "length", "embed"))
     return x, new_cache
 
 

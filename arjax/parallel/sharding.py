@@ -1,7 +1,7 @@
 """Mesh construction, the logical-axis rules, and host <-> global array helpers.
 
 Every parameter and activation dimension carries a logical name (see
-`arjax.layers.transformer`); `config.sharding.rules` maps names to mesh axes. The
+`arjax.layers.dense`); `config.sharding.rules` maps names to mesh axes. The
 mesh always has the three axes below, so a rule table written for a TPU pod
 runs unchanged on one CPU (with sizes 1).
 

@@ -1,14 +1,22 @@
-"""What every family's sampler shares: request checks, CFG ramps, per-image seeds, solvers.
+"""What every family's sampler shares: the call, request checks, CFG ramps, per-image seeds.
 
-A sampler is called with concrete labels and numbers; `check_request` judges them on the
-host before anything is traced, so a bad request costs no compilation and names its
-argument. Every image's randomness comes from `image_keys` (fold_in of the request's key and
-the image's index), so an image does not depend on how a request is split into batches.
+`ImageSampler` is the base class of every family's sampler. Its `__call__` is the one sampling
+call of arjax (`images = sampler(params, labels, rng, cfg_scale=, cfg_schedule_name=,
+temperature=, first_index=)`): it checks the request on the host before anything is traced
+(`check_request`: a bad request costs no compilation and names its argument), keeps one
+compiled program per guidance setting (and, inside jit's own cache, per batch size), and gives
+every image its index in the request, from which all of its randomness comes (`image_keys`:
+fold_in of the request's key and that index), so an image does not depend on how a request is
+split into batches. A family writes only what differs: its CFG scale per step and the jitted
+body that turns labels into images.
 """
+import abc
 import dataclasses
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from arjax.heads import noise as noise_draws
@@ -79,3 +87,41 @@ def head_with_solver(head, solver: str):
   if any(f.name == "solver" for f in dataclasses.fields(head)):
     return dataclasses.replace(head, solver=solver)
   return head
+
+
+class ImageSampler(abc.ABC):
+  """labels -> images; a family's sampler subclasses it (see the module docstring)."""
+
+  @property
+  @abc.abstractmethod
+  def num_classes(self) -> int:
+    """Valid class ids are 0 .. num_classes - 1."""
+
+  @abc.abstractmethod
+  def guidance_scales(self, cfg_scale: float, cfg_schedule_name: str) -> np.ndarray:
+    """The CFG scale of every step of one call (host numpy; an argument of the program, so a
+    new scale does not recompile)."""
+
+  @abc.abstractmethod
+  def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided: bool):
+    """The jitted body: labels int [B] -> images [B, H, W, C]; row b is image image_ids[b] of
+    the request; `guided` (static) doubles the batch with the null class."""
+
+  def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
+               temperature=1.0, first_index=0):
+    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
+
+    Row b is image `first_index + b` of the request: its noise is drawn from that index, so
+    sampling a request in batches, each with the `first_index` of its first image, gives
+    the images of one big batch.
+    """
+    check_request(labels, num_classes=self.num_classes, cfg_scale=cfg_scale,
+                  temperature=temperature, first_index=first_index)
+    guided = cfg_scale != 1.0  # a ramp to 1 is the constant 1; MAR: `if not cfg == 1.0`
+    scales = self.guidance_scales(cfg_scale, cfg_schedule_name)
+    programs = self.__dict__.setdefault("_programs", {})
+    if guided not in programs:
+      programs[guided] = jax.jit(functools.partial(self.sample_images, guided=guided))
+    labels = jnp.asarray(labels, jnp.int32)
+    image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
+    return programs[guided](params, labels, rng, scales, jnp.float32(temperature), image_ids)

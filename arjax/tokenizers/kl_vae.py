@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.errors import ConfigError
+from arjax.layers import patches
 from arjax.tokenizers import base
 
 # MAR's latent scale: main_mar.py / engine_mar.py use `posterior.sample().mul_(0.2325)` and
@@ -404,16 +405,11 @@ class KLVAETokenizer:
 
   def patchify(self, latents):
     """[B, h, w, C] latents -> [B, (h/p)*(w/p), C*p*p] tokens, MAR's order (see class doc)."""
-    b, h, w, c = latents.shape
-    p = self.patch_size
-    x = latents.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
+    return patches.patchify(latents, self.patch_size, order="chw")
 
   def unpatchify(self, tokens):
-    b = tokens.shape[0]
-    p, g, c = self.patch_size, self.grid, self.config.embed_dim
-    x = tokens.reshape(b, g, g, c, p, p).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, g * p, g * p, c)
+    g = self.grid
+    return patches.unpatchify(tokens, self.patch_size, g, g, self.config.embed_dim, order="chw")
 
   def moments(self, images):
     """Raw posterior moments [B, h, w, moments_shape[-1]] of images [B, H, W, C] in [-1, 1]."""

@@ -4,12 +4,13 @@ Normalisation: the data pipeline maps uint8 pixels to [-1, 1] (`u / 127.5 - 1`);
 tokens are those values times `scale` (so a user can bring the data nearer unit
 variance, which the flow head's N(0, 1) noise assumes), and `decode` divides it
 back out: decode(encode(x)) == x exactly up to float rounding.
-A patch's channels-last pixels are flattened (row, column, channel) into D = p*p*C.
+A patch's channels-last pixels are flattened (row, column, channel) into D = p*p*C
+(`arjax.layers.patches`, order 'hwc').
 """
 import dataclasses
 
-
 from arjax.errors import ConfigError
+from arjax.layers import patches
 from arjax.tokenizers import base
 
 
@@ -47,15 +48,11 @@ class Patchify:
     if (h, w, c) != (self.image_size, self.image_size, self.channels):
       raise ValueError(f"images of shape {images.shape[1:]} given to a tokenizer for "
                        f"{(self.image_size, self.image_size, self.channels)}")
-    p, g = self.patch_size, self.grid
-    x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * g, p * p * c) * self.scale
+    return patches.patchify(images, self.patch_size) * self.scale
 
   def decode(self, tokens):
-    b = tokens.shape[0]
-    p, g, c = self.patch_size, self.grid, self.channels
-    x = (tokens / self.scale).reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * p, g * p, c)
+    return patches.unpatchify(tokens / self.scale, self.patch_size, self.grid, self.grid,
+                              self.channels)
 
 
 class PatchifyKind(base.TokenizerKind):

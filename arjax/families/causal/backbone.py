@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from arjax.layers import dense as dense_lib
 from arjax.layers import transformer as layers
 
 Dtype = Any
@@ -50,14 +51,12 @@ class CausalTransformer(nn.Module):
         "pos_embed",
         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
         (self.cache_length(), self.width), jnp.float32)
-    self.token_in = nn.Dense(
-        self.width, dtype=self.dtype, kernel_init=layers.dense_init(("token", "embed")),
-        bias_init=layers.zeros_init(("embed",)))
+    self.token_in = dense_lib.dense(self.width, ("token", "embed"), dtype=self.dtype)
     self.blocks = layers.block_stack(
         layers.DecoderBlock, depth=self.depth, scan=self.scan_layers, remat=self.remat,
         name="block", per_layer_args=1, broadcast_args=1, num_heads=self.num_heads,
         mlp_ratio=self.mlp_ratio, dtype=self.dtype)
-    self.final_norm = layers.RMSNorm(dtype=self.dtype)
+    self.final_norm = dense_lib.RMSNorm(dtype=self.dtype)
 
   def cache_length(self) -> int:
     return self.num_class_tokens + self.num_tokens
@@ -85,7 +84,7 @@ class CausalTransformer(nn.Module):
     inputs = self.token_in(tokens[:, :-1].astype(self.dtype))
     h = jnp.concatenate([prefix.astype(self.dtype), inputs], axis=1)
     h = h + self.pos_embed[None, : h.shape[1]].astype(self.dtype)
-    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    h = dense_lib.constrain(h, ("batch", "length", "embed"))
     h, _ = self._run_blocks(h, None, None)
     return h[:, self.num_class_tokens - 1:]
 

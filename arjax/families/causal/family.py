@@ -16,7 +16,7 @@ from arjax.families import base
 from arjax.families.causal.backbone import CausalTransformer
 from arjax.families.causal.model import ARModel, causal_loss
 from arjax.families.causal.sampler import Sampler, token_step
-from arjax.layers import transformer as layers
+from arjax.layers import mlp
 from arjax.sampling.base import head_with_solver, image_keys
 from arjax.util.flops import matmul
 
@@ -99,7 +99,7 @@ class CausalFamily(base.Family):
     m = config.model
     d, t = tokenizer.token_dim, tokenizer.num_tokens
     p, w = m.num_class_tokens, m.width
-    hidden = layers.swiglu_hidden(w, m.mlp_ratio)
+    hidden = mlp.swiglu_hidden(w, m.mlp_ratio)
     head = functools.partial(head_kind.flops, config, token_dim=d, cond_width=w)
     rows = batch_size * (2 if is_guided(config) else 1)
     if mode == "train":

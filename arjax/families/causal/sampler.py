@@ -30,12 +30,8 @@ import jax.numpy as jnp
 
 from arjax.families.causal.model import ARModel
 from arjax.heads import noise as noise_draws
-from arjax.sampling.base import (cfg_schedule, check_num_steps, check_request, head_with_solver,
+from arjax.sampling.base import (ImageSampler, cfg_schedule, check_num_steps, head_with_solver,
                                  image_keys)
-
-
-
-
 
 
 def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, guided: bool,
@@ -94,9 +90,8 @@ def token_step(params, z, cache, position, keys, cfg_scale, temperature, *, mode
   return token, z_next, cache
 
 
-
 @dataclasses.dataclass
-class Sampler:
+class Sampler(ImageSampler):
   """Samples images from class labels; compiles once per batch size and guidance on/off."""
   model: ARModel
   head: object
@@ -108,31 +103,20 @@ class Sampler:
 
   def __post_init__(self):
     check_num_steps(self.num_steps, self.head)
-    head = head_with_solver(self.head, self.solver)
-    self._jitted = {}
-    self._sample_images = lambda params, labels, rng, cfg_scales, temperature, image_ids, guided: (
-        self.tokenizer.decode(sample_tokens(
-            params, labels, rng, cfg_scales, temperature, model=self.model, head=head,
-            guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
-            cfg_interval=tuple(self.cfg_interval),
-            value_range=self.tokenizer.value_range if self.clip_tokens else None,
-            image_ids=image_ids)[0]))
+    self._head = head_with_solver(self.head, self.solver)
 
-  def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
-               temperature=1.0, first_index=0):
-    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
+  @property
+  def num_classes(self) -> int:
+    return self.model.backbone.num_classes
 
-    Row b is image `first_index + b` of the request: its noise is drawn from that index, so
-    sampling a request in batches, each with the `first_index` of its first image, gives
-    the images of one big batch.
-    """
-    check_request(labels, num_classes=self.model.backbone.num_classes, cfg_scale=cfg_scale,
-                  temperature=temperature, first_index=first_index)
-    guided = cfg_scale != 1.0  # a linear ramp to 1 is the constant 1
-    scales = cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
-    if guided not in self._jitted:
-      self._jitted[guided] = jax.jit(functools.partial(self._sample_images, guided=guided))
-    labels = jnp.asarray(labels, jnp.int32)
-    image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
-    return self._jitted[guided](params, labels, rng, scales, jnp.float32(temperature),
-                                image_ids)
+  def guidance_scales(self, cfg_scale, cfg_schedule_name):
+    return cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
+
+  def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
+    tokens, _ = sample_tokens(
+        params, labels, rng, scales, temperature, model=self.model, head=self._head,
+        guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
+        cfg_interval=tuple(self.cfg_interval),
+        value_range=self.tokenizer.value_range if self.clip_tokens else None,
+        image_ids=image_ids)
+    return self.tokenizer.decode(tokens)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from arjax.layers import attention, dense as dense_lib, mlp, patches
 from arjax.layers import transformer as layers
 
 Dtype = Any
@@ -45,79 +46,13 @@ def patchify(x, patch_size: int):
 
   Feature index = c*p*p + pi*p + qi (channel slowest), token index = h_*(W/p) + w_.
   """
-  batch, channels, height, width = x.shape
-  p = patch_size
-  h_, w_ = height // p, width // p
-  x = x.reshape(batch, channels, h_, p, w_, p)
-  x = jnp.einsum("nchpwq->nhwcpq", x)
-  return x.reshape(batch, h_ * w_, channels * p * p)
+  return patches.patchify(jnp.transpose(x, (0, 2, 3, 1)), patch_size, order="chw")
 
 
 def unpatchify(x, patch_size: int, channels: int, seq_h: int, seq_w: int):
   """`MAR.unpatchify`, the exact inverse of `patchify`: [B, L, C*p*p] -> [B, C, H, W]."""
-  batch = x.shape[0]
-  p = patch_size
-  x = x.reshape(batch, seq_h, seq_w, channels, p, p)
-  x = jnp.einsum("nhwcpq->nchpwq", x)
-  return x.reshape(batch, channels, seq_h * p, seq_w * p)
-
-
-def _norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-  """PyTorch `nn.LayerNorm` (biased variance, affine) with logically named parameters."""
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=layers.zeros_init(("norm",)))
-
-
-def _dense(features: int, axes, name: str, dtype: Dtype) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, name=name, kernel_init=layers.dense_init(axes),
-                  bias_init=layers.zeros_init(axes[-1:]))
-
-
-class ViTAttention(nn.Module):
-  """timm `Attention` (qkv_bias=True, no qk-norm): bidirectional softmax attention."""
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, key_mask=None, queries=None):
-    """x [B, N, D]; key_mask [B, N] (True = attend) hides padding rows from every query.
-
-    queries: optional [B, Q, D] rows whose outputs alone are wanted (rows of x, gathered):
-    keys and values still come from all of x. Default: every row of x is a query.
-    """
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    # q/k/v = rows [0:D], [D:2D], [2D:3D] of timm's fused qkv Linear (split by the converter).
-    proj = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), axis=-1, dtype=self.dtype, name=name,
-        kernel_init=layers.dense_init(("embed", "heads", "kv")),
-        bias_init=layers.zeros_init(("heads", "kv")))
-    q = proj("query")(x if queries is None else queries)
-    k, v = proj("key")(x), proj("value")(x)  # [B, N, H, Dh]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim ** -0.5)
-    if key_mask is not None:
-      logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    # timm concatenates heads (feature h*Dh + d) before `proj`.
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="proj",
-        kernel_init=layers.dense_init(("heads", "kv", "embed")),
-        bias_init=layers.zeros_init(("embed",)))(out)
-
-
-class ViTMlp(nn.Module):
-  """timm `Mlp`: fc2(GELU(fc1(x))), GELU the exact erf form (`nn.GELU()`), no dropout."""
-  hidden: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    h = _dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x)
-    h = nn.gelu(h, approximate=False)
-    return _dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
+  images = patches.unpatchify(x, patch_size, seq_h, seq_w, channels, order="chw")
+  return jnp.transpose(images, (0, 3, 1, 2))
 
 
 class ViTBlock(nn.Module):
@@ -136,16 +71,20 @@ class ViTBlock(nn.Module):
     projection, attention output, projection and MLP run on the Q rows alone. Per-row ops
     (norms, residuals, MLP) commute with the gather, so the Q rows equal the full block's."""
     width = x.shape[-1]
-    normed = _norm(self.norm_eps, self.dtype, "norm1")(x)
+    norm = lambda name: dense_lib.layer_norm(dtype=self.dtype, eps=self.norm_eps, name=name)
+    normed = norm("norm1")(x)
     queries = None
     if query_rows is not None:
       gather = lambda a: jnp.take_along_axis(a, query_rows[:, :, None], axis=1)
       x, queries = gather(x), gather(normed)
-    x = x + ViTAttention(self.num_heads, dtype=self.dtype, name="attn")(
-        normed, key_mask, queries)
-    x = x + ViTMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
-        _norm(self.norm_eps, self.dtype, "norm2")(x))
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    # timm's fused qkv Linear is held as query/key/value (the converter splits its rows) and
+    # `attn.proj` as the output projection.
+    attended, _ = attention.Attention(self.num_heads, mask="bidirectional", dtype=self.dtype,
+                                      out_name="proj", name="attn")(
+                                          normed, key_mask=key_mask, queries=queries)
+    x = x + attended
+    x = x + mlp.GeluMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm("norm2")(x))
+    x = dense_lib.constrain(x, ("batch", "length", "embed"))
     return (x, None) if self.scan_carry else x
 
 
@@ -198,23 +137,26 @@ class MarBackbone(nn.Module):
     self.class_emb = nn.Embed(self.num_classes, d_enc, name="class_emb",
                               embedding_init=normal(0.02, ("classes", "embed")))
     self.fake_latent = self.param("fake_latent", normal(0.02, ("embed",)), (d_enc,), jnp.float32)
-    self.z_proj = _dense(d_enc, ("token", "embed"), "z_proj", self.dtype)
-    self.z_proj_ln = _norm(1e-6, self.dtype, "z_proj_ln")
+    self.z_proj = dense_lib.dense(d_enc, ("token", "embed"), dtype=self.dtype, name="z_proj")
+    self.z_proj_ln = dense_lib.layer_norm(dtype=self.dtype, eps=1e-6, name="z_proj_ln")
     self.encoder_pos_embed_learned = self.param(
         "encoder_pos_embed_learned", normal(0.02, ("length", "embed")), (length, d_enc),
         jnp.float32)
     self.encoder_blocks = self._blocks("encoder_blocks", self.encoder_depth,
                                        self.encoder_num_heads, broadcast_args=1)
-    self.encoder_norm = _norm(self.norm_eps, self.dtype, "encoder_norm")
+    self.encoder_norm = dense_lib.layer_norm(dtype=self.dtype, eps=self.norm_eps,
+                                             name="encoder_norm")
     # Encoder width in, decoder width out: the input axis stays unsharded ('mlp_out').
-    self.decoder_embed = _dense(d_dec, ("mlp_out", "embed"), "decoder_embed", self.dtype)
+    self.decoder_embed = dense_lib.dense(d_dec, ("mlp_out", "embed"), dtype=self.dtype,
+                                         name="decoder_embed")
     self.mask_token = self.param("mask_token", normal(0.02, ("embed",)), (d_dec,), jnp.float32)
     self.decoder_pos_embed_learned = self.param(
         "decoder_pos_embed_learned", normal(0.02, ("length", "embed")), (length, d_dec),
         jnp.float32)
     self.decoder_blocks = self._blocks("decoder_blocks", self.decoder_depth,
                                        self.decoder_num_heads, broadcast_args=0)
-    self.decoder_norm = _norm(self.norm_eps, self.dtype, "decoder_norm")
+    self.decoder_norm = dense_lib.layer_norm(dtype=self.dtype, eps=self.norm_eps,
+                                             name="decoder_norm")
     self.diffusion_pos_embed_learned = self.param(
         "diffusion_pos_embed_learned", normal(0.02, ("length", "embed")), (self.seq_len, d_dec),
         jnp.float32)

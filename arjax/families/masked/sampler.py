@@ -44,7 +44,7 @@ import numpy as np
 
 from arjax.heads import noise as noise_draws
 from arjax.families.masked.model import MaskedARModel, random_orders
-from arjax.sampling.base import check_num_steps, check_request, head_with_solver, image_keys
+from arjax.sampling.base import ImageSampler, check_num_steps, head_with_solver, image_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +250,12 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
 
 
 @dataclasses.dataclass
-class MarSampler:
-  """Samples images from class labels; compiles once per batch size and guidance on/off."""
+class MarSampler(ImageSampler):
+  """Samples images from class labels; compiles once per batch size and guidance on/off.
+
+  Row b of a call is image `first_index + b` of the request (see Seeds in the module
+  docstring).
+  """
   model: MaskedARModel
   head: object
   tokenizer: object
@@ -266,30 +270,20 @@ class MarSampler:
     if isinstance(self.num_iter, bool) or not isinstance(self.num_iter, int) or self.num_iter <= 0:
       raise ValueError(f"num_iter={self.num_iter!r}: must be an integer > 0")
     check_num_steps(self.num_steps, self.head)
-    head = head_with_solver(self.head, self.solver)
+    self._head = head_with_solver(self.head, self.solver)
     self.schedule = mask_schedule(self.tokenizer.num_tokens, self.num_iter)
-    self._jitted = {}
-    self._sample_images = lambda params, labels, rng, scales, temperature, image_ids, guided: (
-        self.tokenizer.decode(sample_tokens(
-            params, labels, rng, scales, temperature, model=self.model, head=head,
-            schedule=self.schedule, guided=guided, num_steps=self.num_steps,
-            kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
-            value_range=self.tokenizer.value_range if self.clip_tokens else None,
-            image_ids=image_ids)))
 
-  def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
-               temperature=1.0, first_index=0):
-    """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
+  @property
+  def num_classes(self) -> int:
+    return self.model.backbone.num_classes
 
-    Row b is image `first_index + b` of the request (see Seeds in the module docstring).
-    """
-    check_request(labels, num_classes=self.model.backbone.num_classes, cfg_scale=cfg_scale,
-                  temperature=temperature, first_index=first_index)
-    guided = cfg_scale != 1.0  # MAR: `if not cfg == 1.0` doubles the batch
-    scales = cfg_scales(self.schedule, cfg_scale, cfg_schedule_name)
-    if guided not in self._jitted:
-      self._jitted[guided] = jax.jit(functools.partial(self._sample_images, guided=guided))
-    labels = jnp.asarray(labels, jnp.int32)
-    image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
-    return self._jitted[guided](params, labels, rng, scales, jnp.float32(temperature),
-                                image_ids)
+  def guidance_scales(self, cfg_scale, cfg_schedule_name):
+    return cfg_scales(self.schedule, cfg_scale, cfg_schedule_name)
+
+  def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
+    return self.tokenizer.decode(sample_tokens(
+        params, labels, rng, scales, temperature, model=self.model, head=self._head,
+        schedule=self.schedule, guided=guided, num_steps=self.num_steps,
+        kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
+        value_range=self.tokenizer.value_range if self.clip_tokens else None,
+        image_ids=image_ids))

@@ -1,0 +1,78 @@
+"""Dense layers and norms with logical axis names: the one factory every module builds them with.
+
+Every parameter is created through `nn.with_logical_partitioning`, so the one rules table in the
+config (`config.sharding.rules`, see `arjax.parallel.sharding`) decides how it is sharded. A
+kernel's axes are (in, out): e.g. ('embed', 'mlp') for an MLP's first layer; its bias takes the
+out axis.
+"""
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Axes = Tuple[Optional[str], ...]
+
+
+def dense_init(axes: Axes, scale: float = 1.0):
+  """Fan-in scaled truncated normal, tagged with logical axis names."""
+  init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+  return nn.with_logical_partitioning(init, axes)
+
+
+def zeros_init(axes: Axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: Axes):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def dense(features: int, axes: Axes, *, dtype: Dtype, name: Optional[str] = None,
+          zero: bool = False, use_bias: bool = True) -> nn.Dense:
+  """nn.Dense with kernel axes `axes` (in, out) and bias axis `axes[-1]`; `zero` starts the
+  kernel at zero (AdaLN modulations and output layers, so an untrained net is calm)."""
+  kernel_init = zeros_init(axes) if zero else dense_init(axes)
+  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias, kernel_init=kernel_init,
+                  bias_init=zeros_init(axes[-1:]))
+
+
+def dense_general(features, axes: Axes, *, dtype: Dtype, name: str, axis=-1,
+                  use_bias: bool = True) -> nn.DenseGeneral:
+  """nn.DenseGeneral over `axis` to `features` (an int or a tuple, e.g. (heads, head_dim));
+  `axes` names the kernel's input then output dimensions, the bias takes the output ones."""
+  out_dims = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(features, axis=axis, dtype=dtype, name=name, use_bias=use_bias,
+                         kernel_init=dense_init(axes), bias_init=zeros_init(axes[-out_dims:]))
+
+
+def layer_norm(*, dtype: Dtype, eps: float = 1e-6, affine: bool = True,
+               fast_variance: bool = True, name: Optional[str] = None) -> nn.LayerNorm:
+  """LayerNorm (PyTorch's: biased variance, eps inside the sqrt), affine parameters on 'norm'.
+
+  fast_variance=False computes the variance in two passes like torch: E[x^2] - E[x]^2 loses
+  digits when |mean| >> std, which the golden-matched MAR head cannot afford.
+  """
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, use_scale=affine, use_bias=affine,
+                      use_fast_variance=fast_variance, scale_init=ones_init(("norm",)),
+                      bias_init=zeros_init(("norm",)))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    return (x32 * scale).astype(self.dtype)
+
+
+def constrain(x, axes: Sequence[Optional[str]]):
+  """`nn.with_logical_constraint`: shards activation `x` as the rules table says for `axes`
+  (inside `arjax.parallel.sharding.activation_rules`; elsewhere it returns x unchanged)."""
+  return nn.with_logical_constraint(x, tuple(axes))
