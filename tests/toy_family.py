@@ -123,7 +123,7 @@ class BagFamily(base.Family):
                              num_classes=config.data.num_classes)
     return model, loss
 
-  def sampler(self, model, head, tokenizer, config, *, mesh=None, rules=None):
+  def sampler(self, model, head, tokenizer, config):
     s = config.sample
     return BagSampler(model, head, tokenizer, num_steps=s.num_steps, solver=s.solver,
                       cfg_interval=tuple(s.cfg_interval))

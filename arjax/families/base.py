@@ -71,7 +71,7 @@ class Family(abc.ABC):
     `head` its algorithm. loss(params, tokens [B, T, D], labels [B], rng) -> scalar."""
 
   @abc.abstractmethod
-  def sampler(self, model, head, tokenizer, config, *, mesh=None, rules=None):
+  def sampler(self, model, head, tokenizer, config):
     """The family's sampler for `config.sample` (see the module docstring)."""
 
   def flops(self, config, tokenizer, head_kind, mode: str, batch_size: int) -> Dict[str, int]:

@@ -5,7 +5,8 @@ config (`config.sharding.rules`, see `arjax.parallel.sharding`) decides how it i
 kernel's axes are (in, out): e.g. ('embed', 'mlp') for an MLP's first layer; its bias takes the
 out axis.
 """
-from typing import Any, Optional, Sequence, Tuple
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +40,51 @@ def dense(features: int, axes: Axes, *, dtype: Dtype, name: Optional[str] = None
 
 
 def dense_general(features, axes: Axes, *, dtype: Dtype, name: str, axis=-1,
-                  use_bias: bool = True) -> nn.DenseGeneral:
-  """nn.DenseGeneral over `axis` to `features` (an int or a tuple, e.g. (heads, head_dim));
+                  use_bias: bool = True) -> "DenseGeneral":
+  """A dense layer over `axis` to `features` (an int or a tuple, e.g. (heads, head_dim));
   `axes` names the kernel's input then output dimensions, the bias takes the output ones."""
-  out_dims = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(features, axis=axis, dtype=dtype, name=name, use_bias=use_bias,
-                         kernel_init=dense_init(axes), bias_init=zeros_init(axes[-out_dims:]))
+  return DenseGeneral(features, axes, axis=axis, use_bias=use_bias, dtype=dtype, name=name)
+
+
+def _flat_fan_in_init(axes: Axes, num_inputs: int):
+  """The fan-in init of the kernel flattened to 2-D (inputs x outputs), reshaped to its own
+  shape, tagged with `axes`: the fan-in is all input dims together, not the second-last one."""
+  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+  def kernel_init(rng, shape, dtype=jnp.float32):
+    flat = (math.prod(shape[:num_inputs]), math.prod(shape[num_inputs:]))
+    return jnp.reshape(init(rng, flat, dtype), shape)
+  return nn.with_logical_partitioning(kernel_init, axes)
+
+
+class DenseGeneral(nn.Module):
+  """flax's nn.DenseGeneral (the same parameters, init and numbers) with its kernel and bias
+  created in their own shapes.
+
+  nn.DenseGeneral makes them flat and reshapes the boxed value; once logical axis rules are
+  active (`arjax.parallel.sharding.activation_rules`) unboxing the flat value applies the N-D
+  names to a 2-D array, which fails: the rules could not reach activations with it.
+  """
+  features: Union[int, Tuple[int, ...]]
+  axes: Axes
+  axis: Union[int, Tuple[int, ...]] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    kernel = self.param("kernel", _flat_fan_in_init(self.axes, len(axis)),
+                        tuple(x.shape[a] for a in axis) + features, jnp.float32)
+    bias = (self.param("bias", zeros_init(self.axes[-len(features):]), features, jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - len(features)) + features)
+    return y
 
 
 def layer_norm(*, dtype: Dtype, eps: float = 1e-6, affine: bool = True,

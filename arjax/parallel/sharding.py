@@ -5,12 +5,23 @@ Every parameter and activation dimension carries a logical name (see
 mesh always has the three axes below, so a rule table written for a TPU pod
 runs unchanged on one CPU (with sizes 1).
 
+The one table governs both. Parameters: `logical_shardings` turns their boxed axis names into
+the shardings jit places them with. Activations: the layers mark them with
+`nn.with_logical_constraint` (`arjax.layers.dense.constrain`), which only acts while
+`activation_rules` is active: the train step, the state's init and every sampler trace their
+programs inside it (`shard_activations`). Rules are tried in order and a mesh axis serves one
+dimension of an array only, so with 'batch' listed first an activation
+('batch', 'length', 'embed') is split over data x fsdp on its batch and whole on its features,
+while the weights' 'embed' dimension goes to fsdp.
+
     data    pure data parallelism: batch split, parameters replicated
     fsdp    batch split *and* parameters/optimizer state split (ZeRO-3 style)
     tensor  attention heads and MLP hidden split (Megatron style)
 """
+import contextlib
+import functools
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -109,6 +120,33 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules):
   """NamedShardings for a pytree of `nn.LogicallyPartitioned` (abstract) values, checked first."""
   check_rules(boxed_tree, mesh, rules)
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules, batch_size: Optional[int] = None):
+  """Within: activations are constrained to the shardings `rules` give their logical axes.
+
+  batch_size: the program's batch, when it may not split over the batch's mesh axes (a
+  sampling request of 3 images on 8 devices): the batch dimension is then left whole and
+  the other rules still apply. The rules must be active while a program is *traced*: wrap the
+  function before `jax.jit` (`shard_activations`).
+  """
+  rules = tuple(rules)
+  if batch_size is not None and batch_size % axes_size(dict(rules).get("batch"), mesh.shape):
+    rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def shard_activations(fn, mesh: Mesh, rules, batch_size=None):
+  """`fn` traced inside `activation_rules(mesh, rules, ...)`. `batch_size` is an int, or a
+  function of fn's arguments giving it at trace time (a sampler's per-call batch)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    size = batch_size(*args, **kwargs) if callable(batch_size) else batch_size
+    with activation_rules(mesh, rules, size):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

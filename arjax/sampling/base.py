@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.heads import noise as noise_draws
+from arjax.parallel import sharding
 
 
 def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
@@ -107,6 +108,14 @@ class ImageSampler(abc.ABC):
     """The jitted body: labels int [B] -> images [B, H, W, C]; row b is image image_ids[b] of
     the request; `guided` (static) doubles the batch with the null class."""
 
+  def shard_activations(self, mesh, rules) -> "ImageSampler":
+    """Traces the programs inside `parallel.sharding.activation_rules(mesh, rules)`, so the
+    backbone's activations are sharded as the rules say (the batch, with CFG's null rows, split
+    over the batch axes where it divides them). `Experiment.sampler()` calls it."""
+    self._activations = (mesh, tuple(rules))
+    self._programs = {}
+    return self
+
   def __call__(self, params, labels, rng, *, cfg_scale=1.0, cfg_schedule_name="constant",
                temperature=1.0, first_index=0):
     """labels int [B] -> images float32 [B, H, W, C] in [-1, 1] (unclipped).
@@ -119,9 +128,16 @@ class ImageSampler(abc.ABC):
                   temperature=temperature, first_index=first_index)
     guided = cfg_scale != 1.0  # a ramp to 1 is the constant 1; MAR: `if not cfg == 1.0`
     scales = self.guidance_scales(cfg_scale, cfg_schedule_name)
-    programs = self.__dict__.setdefault("_programs", {})
+    if not hasattr(self, "_programs"):  # subclasses are dataclasses: no __init__ of ours runs
+      self._programs = {}
+    programs = self._programs
     if guided not in programs:
-      programs[guided] = jax.jit(functools.partial(self.sample_images, guided=guided))
+      body = functools.partial(self.sample_images, guided=guided)
+      placement = getattr(self, "_activations", None)
+      if placement is not None:  # the batch is known when the program is traced: labels' rows
+        rows = lambda params, labels, *_: labels.shape[0] * (2 if guided else 1)
+        body = sharding.shard_activations(body, *placement, batch_size=rows)
+      programs[guided] = jax.jit(body)
     labels = jnp.asarray(labels, jnp.int32)
     image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)
     return programs[guided](params, labels, rng, scales, jnp.float32(temperature), image_ids)

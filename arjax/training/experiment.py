@@ -6,6 +6,7 @@ sampler, `bench`, notebooks) needs no data pipeline or checkpoint stack.
 from arjax import registry
 from arjax.config import schema as configs
 from arjax.parallel import sharding
+from arjax.sampling.base import ImageSampler
 from arjax.training import state as train_state
 from arjax.training import step as train_step
 
@@ -46,10 +47,12 @@ class Experiment:
 
   def jit_step(self, state_shardings):
     return train_step.jit_train_step(
-        state_shardings, self.mesh, loss_fn=self.loss_fn, tokenizer=self.tokenizer,
+        state_shardings, self.mesh, self.rules, loss_fn=self.loss_fn, tokenizer=self.tokenizer,
         optimizer=self.optimizer, config=self.config)
 
   def sampler(self):
     """The family's sampler: images = sampler(params, labels, rng, cfg_scale=..., ...)."""
-    return self.family.sampler(self.model, self.head, self.tokenizer, self.config,
-                               mesh=self.mesh, rules=self.rules)
+    sampler = self.family.sampler(self.model, self.head, self.tokenizer, self.config)
+    if isinstance(sampler, ImageSampler):  # its activations sharded as the rules say
+      sampler.shard_activations(self.mesh, self.rules)
+    return sampler

@@ -87,7 +87,9 @@ def create(model, optimizer, example_tokens, example_labels, seed: int, mesh, ru
   """Returns (state, state_shardings): a sharded TrainState built directly on the mesh."""
   init_boxed = _boxed_initializer(model, optimizer, example_tokens, example_labels)
   _, shardings = abstract_state(model, optimizer, example_tokens, example_labels, mesh, rules)
-  init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
+  init = sharding.shard_activations(lambda r: nn.meta.unbox(init_boxed(r)), mesh, rules,
+                                    batch_size=example_tokens.shape[0])
+  init = jax.jit(init, out_shardings=shardings)
   return init(jax.random.PRNGKey(seed)), shardings
 
 

@@ -64,9 +64,10 @@ def train_step(state: TrainState, batch, *, loss_fn, tokenizer, optimizer, confi
   return new_state, metrics
 
 
-def jit_train_step(state_shardings, mesh, **static):
-  """The step jitted over `mesh`: state in/out on its rule shardings (donated), batch split on batch axes."""
-  step = functools.partial(train_step, **static)
+def jit_train_step(state_shardings, mesh, rules, **static):
+  """The step jitted over `mesh`: state in/out on its rule shardings (donated), batch split on
+  batch axes, activations as the rules say (`sharding.activation_rules`)."""
+  step = sharding.shard_activations(functools.partial(train_step, **static), mesh, rules)
   return jax.jit(
       step,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),

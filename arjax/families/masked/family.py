@@ -111,7 +111,7 @@ class MaskedFamily(base.Family):
                              buckets=masked_ar.bucket_sizes(top, m.mask_buckets))
     return model, loss
 
-  def sampler(self, model, head, tokenizer, config, *, mesh=None, rules=None):
+  def sampler(self, model, head, tokenizer, config):
     s = config.sample
     return MarSampler(model, head, tokenizer, num_iter=s.num_iter, num_steps=s.num_steps,
                       solver=s.solver, cfg_interval=tuple(s.cfg_interval),
