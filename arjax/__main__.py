@@ -16,8 +16,9 @@ config.data.latents); training reads it with --config.data.latents=DIR (see
 
     python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|vae]
 
-imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE) into DIR; see
-`arjax.convert.official` and the README.
+imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), or a file of any
+converter a family or tokenizer registers, into DIR; see `arjax.convert.official` and the
+README.
 
     python -m arjax describe --config=configs/X.py [--num_devices=N]
 
@@ -74,8 +75,10 @@ _SPLIT = flags.DEFINE_string("split", None, "cache_latents: the split to encode;
 # convert only; --out is its output directory.
 _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint "
                               "(.pth/.ckpt, read without running code; .npz, .safetensors).")
-_KIND = flags.DEFINE_enum("kind", None, ["mar", "vae"], "convert: what --source holds; "
-                          "default: detected from its parameter names.")
+# A string, not an enum: the kinds are the registered converters, plug-ins' included.
+_KIND = flags.DEFINE_string(
+    "kind", None, "convert: what --source holds: mar, vae, or a plug-in's converter; default: "
+    "detected from its parameter names.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "
                                     "-1 in config.mesh.shape; default jax.device_count().")
 # serve only.

@@ -8,6 +8,10 @@ user's own family, head or tokenizer registers from its own module with `registe
 `register_head` / `register_tokenizer` and is loaded by the CLI from the modules listed in the
 environment variable ARJAX_PLUGINS (comma-separated), see docs/adding_a_family.md.
 
+Official PyTorch checkpoints are imported the same way: `converters()` lists what every
+registered family and tokenizer kind offers (`Family.converters()`,
+`TokenizerKind.converters()`), and `python -m arjax convert` picks among them.
+
 The config schema is put together here too: the shared fields (`arjax.config.schema.SCHEMA`)
 plus the chosen tokenizer's, family's and head's own, so a field of another plug-in (a causal
 config carrying `model.buffer_size`) is an unknown key.
@@ -27,6 +31,7 @@ from arjax.heads.flow import FlowHead
 from arjax.tokenizers.base import TokenizerKind
 from arjax.tokenizers.kl_vae import KLVAEKind
 from arjax.tokenizers.patchify import PatchifyKind
+from arjax.weights.converter import Converter
 
 FAMILIES: Dict[str, Family] = {
     "causal": CausalFamily(),   # raster order, KV cache (arjax/families/causal)
@@ -89,6 +94,18 @@ def head(config) -> Head:
 
 def tokenizer_kind(config) -> TokenizerKind:
   return TOKENIZERS[config_schema.check_selector(config, "tokenizer.name", TOKENIZERS)]
+
+
+def converters() -> Dict[str, Converter]:
+  """Every registered family's and tokenizer kind's converters, by name (the `--kind` value)."""
+  found: Dict[str, Converter] = {}
+  for plugin in (*FAMILIES.values(), *TOKENIZERS.values()):
+    for converter in plugin.converters():
+      known = found.setdefault(converter.name, converter)
+      if type(known) is not type(converter):
+        raise ValueError(f"converter {converter.name!r} of {plugin.name!r}: the name is taken "
+                         f"({type(known).__name__})")
+  return found
 
 
 def schema_for(config) -> config_schema.Schema:

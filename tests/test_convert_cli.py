@@ -159,12 +159,13 @@ def test_convert_writes_a_workdir_and_says_how_to_sample_from_it(converted):
 @needs_golden
 def test_restored_params_and_ema_are_exactly_the_converters_mapping(converted, restored):
   from arjax.convert import official
+  from arjax.families.masked.convert import MarConverter
 
   _, model, ema, _ = converted
   exp, params, ema_params, step = restored
   assert step == EPOCH
   for restored, sd in ((params, model), (ema_params, ema)):
-    expected = official.mar_params(sd, exp)
+    expected = official.fitted_params(MarConverter(), sd, exp)
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(np.asarray(got), want)
@@ -194,6 +195,7 @@ def test_official_weights_load_into_scanned_blocks_and_reproduce_the_decoder_z(c
   the scanned encoder/decoder then give the official decoder z as the unrolled ones do."""
   from arjax.config import schema as configs
   from arjax.convert import official
+  from arjax.families.masked.convert import MarConverter
   from arjax.training.experiment import Experiment
   from arjax.families.masked.model import MaskedARModel
 
@@ -201,7 +203,7 @@ def test_official_weights_load_into_scanned_blocks_and_reproduce_the_decoder_z(c
   config.model.scan_layers = True
   config.model.remat = "full"
   exp = Experiment(config)
-  params = official.mar_params(golden_state_dict(MAR_GOLDEN), exp)
+  params = official.fitted_params(MarConverter(), golden_state_dict(MAR_GOLDEN), exp)
   qkv = params["backbone"]["encoder_blocks"]["attn"]["query"]["kernel"]
   assert qkv.shape[0] == config.model.encoder_depth
   with np.load(MAR_GOLDEN, allow_pickle=False) as d:
@@ -235,7 +237,8 @@ def test_config_whose_dims_differ_fails_naming_the_fields_and_keys(tmp_path):
   # No args in the file: the digits smoke sizes (32 wide, 1 block, buffer 2) stand.
   source = write_official_mar(tmp_path / "ckpt.npz", golden_state_dict(MAR_GOLDEN))
   with pytest.raises(ValueError) as e:
-    official.convert_mar(source, str(tmp_path / "out"), tiny_config(), log=lambda s: None)
+    official.convert(source, str(tmp_path / "out"), config=tiny_config(), kind="mar",
+                     log=lambda s: None)
   message = str(e.value)
   assert message.startswith("the checkpoint does not fit the config")
   assert "config.model.encoder_width=32, the checkpoint has 64 (z_proj.weight (64, 16))" in message
@@ -255,7 +258,8 @@ def test_token_geometry_mismatch_names_the_tokenizer_fields(tmp_path):
   with pytest.raises(ValueError, match=r"config.data.image_size, config.tokenizer.patch_size, "
                      r"config.data.channels\) gives 64 tokens of dim 4, the checkpoint 16 of "
                      r"dim 16"):
-    official.convert_mar(source, str(tmp_path / "out"), config, log=lambda s: None)
+    official.convert(source, str(tmp_path / "out"), config=config, kind="mar",
+                     log=lambda s: None)
 
 
 @needs_golden
@@ -267,7 +271,8 @@ def test_vae_tokenizer_config_without_vae_weights_says_to_convert_them_first(tmp
   config = configs.load(os.path.join(REPO_ROOT, "configs", "imagenet256_mar_base.py"))
   with pytest.raises(configs.ConfigError, match=r"config.tokenizer.checkpoint is None: convert "
                      r"kl16.ckpt first"):
-    official.convert_mar(source, str(tmp_path / "out"), config, log=lambda s: None)
+    official.convert(source, str(tmp_path / "out"), config=config, kind="mar",
+                     log=lambda s: None)
 
 
 @needs_golden
@@ -281,8 +286,8 @@ def test_corrupted_key_set_fails_naming_every_key(tmp_path):
   model["diffloss.stray"] = np.zeros((1,), np.float32)
   source = write_official_mar(tmp_path / "ckpt.npz", model, model)
   with pytest.raises(ValueError) as e:
-    official.convert_mar(source, str(tmp_path / "out"), tiny_config(**TINY_SIZES),
-                         log=lambda s: None)
+    official.convert(source, str(tmp_path / "out"), config=tiny_config(**TINY_SIZES),
+                     kind="mar", log=lambda s: None)
   message = str(e.value)
   assert "missing: decoder_norm.weight" in message
   assert "unexpected: encoder_blocks.0.attn.extra.weight" in message
@@ -291,28 +296,28 @@ def test_corrupted_key_set_fails_naming_every_key(tmp_path):
 
 
 def test_one_state_dict_is_used_for_both_and_said_so():
-  from arjax.convert import official
+  from arjax.families.masked.convert import MarConverter
   from arjax.weights.state_dict import Checkpoint
 
   sd = {"z_proj.weight": np.zeros((2, 2))}
   said = []
-  params, ema = official.mar_state_dicts(Checkpoint("ckpt.pth", {"model": sd}), said.append)
+  params, ema = MarConverter().state_dicts(Checkpoint("ckpt.pth", {"model": sd}), said.append)
   assert params is sd and ema is sd
   assert said == ["WARNING: ckpt.pth has no 'model_ema' state dict: ema_params are a copy of "
                   "'model' (sampling with config.sample.use_ema=True uses the raw weights)"]
   said.clear()
-  official.mar_state_dicts(Checkpoint("ckpt.pth", {"model_ema": sd}), said.append)
+  MarConverter().state_dicts(Checkpoint("ckpt.pth", {"model_ema": sd}), said.append)
   assert "no 'model' state dict" in said[0]
 
 
 def test_args_set_the_model_from_its_name_and_leave_sampling_alone():
   from arjax.config import schema as configs
-  from arjax.convert import official
+  from arjax.families.masked.convert import config_from_mar_args
 
   base = configs.load(os.path.join(REPO_ROOT, BASE_CONFIG))
   args = {"model": "mar_large", "buffer_size": 64, "class_num": 1000, "diffloss_d": 8,
           "diffloss_w": 1280, "cfg": 1.0, "img_size": 256, "temperature": 0.9}
-  config, derived = official.config_from_mar_args(base, args)
+  config, derived = config_from_mar_args(base, args)
   m = config.model
   assert (m.encoder_width, m.encoder_depth, m.encoder_heads) == (1024, 16, 16)
   assert (m.decoder_width, m.decoder_depth, m.decoder_heads) == (1024, 16, 16)
@@ -425,7 +430,7 @@ def test_vae_round_trip_through_orbax(tmp_path):
   assert result["kind"] == "vae"  # detected from the names
   with ocp.StandardCheckpointer() as reader:
     restored = reader.restore(str(tmp_path / "kl16"))
-  cfg = result["vae_config"]
+  cfg = result["architecture"]
   expected = convert_vae.vae_params_from_state_dict(sd, cfg)
   assert jax.tree.structure(restored) == jax.tree.structure(expected)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
@@ -444,13 +449,13 @@ def test_vae_round_trip_through_orbax(tmp_path):
 
 
 def test_default_vae_architecture_is_inferred_as_mar_kl16():
-  from arjax.convert import official
   from arjax.tokenizers import kl_vae_weights as convert_vae
   from arjax.tokenizers import kl_vae
+  from arjax.tokenizers.kl_vae_convert import vae_config_from_state_dict
 
   shapes = convert_vae._expected(kl_vae.KLVAEConfig())
   sd = {name: np.zeros(shape, np.float32) for name, (_, shape, _) in shapes.items()}
-  assert official.vae_config_from_state_dict(sd) == kl_vae.KLVAEConfig()
+  assert vae_config_from_state_dict(sd) == kl_vae.KLVAEConfig()
 
 
 @needs_golden
@@ -459,9 +464,9 @@ def test_vae_from_safetensors(tmp_path):
   from arjax.convert import official
 
   write_official_vae(tmp_path / "kl16.safetensors", suffix=".safetensors")
-  result = official.convert_vae(tmp_path / "kl16.safetensors", str(tmp_path / "out"),
-                                log=lambda s: None)
-  assert result["vae_config"].ch == 32 and (tmp_path / "out" / "arjax_vae.json").is_file()
+  result = official.convert(tmp_path / "kl16.safetensors", str(tmp_path / "out"), kind="vae",
+                            log=lambda s: None)
+  assert result["architecture"].ch == 32 and (tmp_path / "out" / "arjax_vae.json").is_file()
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 (class, position) to z by a two-layer MLP; the head (any registered head) models each token
 given its z. Training is one forward pass over all tokens, sampling one head call for all
 tokens at once. Nothing in arjax names it: tests/test_plugin_family.py runs train, sample,
-eval, bench and describe on it through the CLI, with ARJAX_PLUGINS=toy_family.
+eval, bench and describe on it through the CLI, with ARJAX_PLUGINS=toy_family, and
+tests/test_convert_hooks.py imports a file of its "official" weights with `convert` (its
+`BagConverter`).
 
 docs/adding_a_family.md walks through this file.
 """
@@ -22,6 +24,8 @@ from arjax.families import base
 from arjax.heads import noise as noise_draws
 from arjax.sampling.base import (ImageSampler, cfg_schedule, check_num_steps, head_with_solver,
                                  image_keys)
+from arjax.weights import converter
+from arjax.weights.state_dict import CheckpointError
 
 
 class BagBackbone(nn.Module):
@@ -107,6 +111,34 @@ class BagSampler(ImageSampler):
     return self.tokenizer.decode(tokens.reshape(b, t, d))
 
 
+class BagConverter(converter.FamilyConverter):
+  """`--kind=toy_bag`: a file {'bag': {'<flax path, dotted>': array}}, as a PyTorch port of the
+  bag might save it; one state dict, so params and ema_params alike."""
+  name = "toy_bag"
+  what = "toy bag"
+  groups = ("bag",)
+  evidence = "backbone.positions"
+
+  def detect(self, ckpt):
+    return self.evidence in converter.parameter_names(ckpt)
+
+  def state_dicts(self, ckpt, log):
+    if "bag" not in ckpt.state_dicts:
+      raise CheckpointError(f"{ckpt.path}: no 'bag' state dict")
+    log(f"{ckpt.path} has no EMA: ema_params are a copy of params")
+    return ckpt.state_dicts["bag"], ckpt.state_dicts["bag"]
+
+  def params(self, state_dict, model):
+    tree = {}
+    for name, value in state_dict.items():
+      *path, leaf = name.split(".")
+      node = tree
+      for part in path:
+        node = node.setdefault(part, {})
+      node[leaf] = value
+    return tree
+
+
 class BagFamily(base.Family):
   """`model.family='toy_bag'`: no `flops` of its own, so the jaxpr of its real step counts."""
   name = "toy_bag"
@@ -130,6 +162,9 @@ class BagFamily(base.Family):
 
   def describe_line(self, config):
     return f"toy_bag: MLP {config.model.width} over (class, position)"
+
+  def converters(self):
+    return (BagConverter(),)
 
 
 registry.register_family(BagFamily())

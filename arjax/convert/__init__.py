@@ -1,1 +1,2 @@
-"""Importers: official PyTorch checkpoints (exact state_dict names) -> arjax parameters."""
+"""The `convert` command: official PyTorch checkpoints -> arjax checkpoints, through the converters
+that the registered families and tokenizers supply (`arjax.weights.converter`)."""

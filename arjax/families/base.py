@@ -26,12 +26,16 @@ What a family supplies:
   decode_step(...)        optional: one generation step alone, for `bench --mode=decode`
   describe_line(config)   the one-line summary of the backbone that `describe` prints
   report_fields(config)   sampler settings worth recording in a bench report
+  converters()            optional: readers of official checkpoints of this family
+                          (`arjax.weights.converter.FamilyConverter`), for `python -m arjax
+                          convert`
 """
 import abc
 from typing import Any, Dict, Sequence, Tuple
 
 from arjax.config.schema import Schema
 from arjax.errors import ConfigError
+from arjax.weights.converter import FamilyConverter
 
 # Blocks as one nn.scan (params with a leading 'layers' axis) and their remat policy
 # (arjax/layers/transformer.py block_stack): fields of every family built from block stacks.
@@ -142,3 +146,7 @@ class Family(abc.ABC):
 
   def report_fields(self, config) -> Dict[str, Any]:
     return {}
+
+  def converters(self) -> Sequence[FamilyConverter]:
+    """The kinds of official checkpoint `python -m arjax convert` imports into this family."""
+    return ()

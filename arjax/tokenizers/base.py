@@ -8,10 +8,15 @@ says otherwise through `tokenizer.layout` (default 'flat'). A family that needs 
 top of the flat sequence (a pyramid of scales, a sequence of k x k cells) derives it from the
 tokenizer's `grid` (the token map's side) and declares the layout it needs; the tokenizer
 never has to know the family.
+
+A kind may also read official checkpoints of its weights (`converters()`, for `python -m arjax
+convert`; the interface: `arjax.weights.converter.TokenizerConverter`).
 """
 import abc
+from typing import Sequence
 
 from arjax.config.schema import Schema
+from arjax.weights.converter import TokenizerConverter
 
 
 class TokenizerKind(abc.ABC):
@@ -31,3 +36,7 @@ class TokenizerKind(abc.ABC):
   def make(self, tok_cfg, data_cfg, *, abstract: bool = False):
     """The tokenizer. `abstract`: weights as shapes only (no file read), enough for token
     shapes, FLOPs and `jax.eval_shape` model building."""
+
+  def converters(self) -> Sequence[TokenizerConverter]:
+    """The kinds of official checkpoint `python -m arjax convert` turns into its weights."""
+    return ()

@@ -484,6 +484,11 @@ class KLVAEKind(base.TokenizerKind):
                           patch_size=tok_cfg.patch_size, latent_scale=float(tok_cfg.latent_scale),
                           sample_posterior=tok_cfg.sample_posterior)
 
+  def converters(self):
+    # The converter imports this module's architectures (as load_params's reader does).
+    from arjax.tokenizers import kl_vae_convert  # pylint: disable=import-outside-toplevel
+    return (kl_vae_convert.KLVAEConverter(),)
+
 
 def load_params(tok_cfg):
   """The weights `config.tokenizer.checkpoint` names, for `config.tokenizer.architecture`.

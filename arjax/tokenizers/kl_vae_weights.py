@@ -30,6 +30,8 @@ from arjax.weights import state_dict as state_dict_lib
 from arjax.tokenizers import kl_vae
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
+# LDM-trained checkpoints carry their training loss (discriminator, LPIPS) beside the autoencoder.
+LDM_LOSS_PREFIXES = ("loss.",)
 
 
 def _torch_name(flax_path: Sequence[str]) -> str:
@@ -150,7 +152,7 @@ def load_vae_params(path, config: kl_vae.KLVAEConfig = kl_vae.KLVAEConfig(), pre
       # An LDM/MAR release file such as kl16.ckpt: {'model': state_dict}, whose state dict
       # also carries the training loss's weights (LPIPS, discriminator): not the autoencoder.
       state_dict = {k[len("model/"):]: v for k, v in state_dict.items()}
-      ignore_prefixes = tuple(ignore_prefixes) + ("loss.",)
+      ignore_prefixes = tuple(ignore_prefixes) + LDM_LOSS_PREFIXES
     return vae_params_from_state_dict(state_dict, config, ignore_prefixes)
   except (ValueError, KeyError) as e:
     raise ValueError(f"{path}: {e}") from e

@@ -56,6 +56,14 @@ def to_params(given: Mapping[str, np.ndarray], expected: Expected, *, what: str,
   return params
 
 
+def num_indexed(state_dict: Mapping[str, np.ndarray], prefix: str) -> Optional[int]:
+  """1 + the largest <i> of keys '<prefix><i>.' (a ModuleList's length), or None if there are
+  none: how converters read depths off a state dict."""
+  found = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict
+           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+  return max(found) + 1 if found else None
+
+
 # -----------------------------------------------------------------------------
 # Reading checkpoint files.
 #

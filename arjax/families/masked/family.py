@@ -3,7 +3,8 @@
 Training masks a random share of each image's tokens and predicts them from the rest
 (arjax/families/masked/model.py); sampling fills the tokens in over `sample.num_iter`
 iterations along a random order per image (arjax/families/masked/sampler.py). Official MAR
-checkpoints import into this family (arjax/convert/official.py).
+checkpoints import into this family (`python -m arjax convert`, through the converter of
+arjax/families/masked/convert.py).
 """
 import functools
 from typing import Optional
@@ -14,6 +15,7 @@ from arjax.config.schema import check_divisible, positive
 from arjax.families import base
 from arjax.families.masked import model as masked_ar
 from arjax.families.masked.backbone import MarBackbone
+from arjax.families.masked.convert import MarConverter
 from arjax.families.masked.model import MaskedARModel
 from arjax.families.masked.sampler import MarSampler, mask_schedule
 from arjax.util.flops import matmul
@@ -116,6 +118,9 @@ class MaskedFamily(base.Family):
     return MarSampler(model, head, tokenizer, num_iter=s.num_iter, num_steps=s.num_steps,
                       solver=s.solver, cfg_interval=tuple(s.cfg_interval),
                       kept_buckets=s.kept_buckets)
+
+  def converters(self):
+    return (MarConverter(),)
 
   def flops(self, config, tokenizer, head_kind, mode, batch_size):
     """Expected values over the mask law.

@@ -1,0 +1,115 @@
+"""The converter hook: how a family or tokenizer reads one kind of official PyTorch checkpoint.
+
+`python -m arjax convert` (arjax/convert/official.py) names no model: it asks
+`arjax.registry.converters()`, which collects the converters every registered family
+(`Family.converters()`) and tokenizer kind (`TokenizerKind.converters()`) supplies, picks the
+one `--kind` names or the one whose `detect` recognises the file, and writes what it returns.
+The interface lives here, below the families and tokenizers that implement it, because imports
+only go down (tests/test_layering.py): arjax/convert uses it from above.
+
+A converter is one of two kinds, by what the file becomes:
+
+  FamilyConverter     a model's weights (and their EMA) -> a workdir: a TrainState checkpoint
+                      plus the config they were checked against, which `sample` reads
+                      (MAR's checkpoint-last.pth: arjax/families/masked/convert.py)
+  TokenizerConverter  a tokenizer's weights -> an Orbax params tree that the tokenizer's
+                      `config.tokenizer.checkpoint` names (MAR's kl16.ckpt:
+                      arjax/tokenizers/kl_vae_convert.py)
+
+Each states its `name` (the `--kind` value), `what` (the file's kind in messages), the
+state-dict `groups` of the file it reads, and `detect(ckpt)`; the rest is the mapping from the
+file's state dict to arjax parameters and the config it implies. Files come read by
+`arjax.weights.state_dict.load_checkpoint`; every failure a user can fix is a ValueError
+(CheckpointError for the file's layout) whose message names the key or config field.
+"""
+import abc
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # the family and tokenizer interfaces import this module: it stays jax-free
+  from arjax.weights.state_dict import Checkpoint
+
+StateDict = Mapping[str, np.ndarray]
+Log = Callable[[str], None]
+
+
+def parameter_names(ckpt: "Checkpoint") -> Set[str]:
+  """Every parameter name of the file, whatever its group: what `detect` looks at."""
+  return {name for sd in ckpt.state_dicts.values() for name in sd}
+
+
+class Converter(abc.ABC):
+  """One kind of official checkpoint (see the module docstring)."""
+
+  #: The `--kind` value, unique among the registered converters ('mar', 'vae').
+  name: str = ""
+  #: What such a file is called in messages ('MAR', 'KL VAE').
+  what: str = ""
+  #: The file's state-dict groups to read (`load_checkpoint(groups=)`); a FamilyConverter lists
+  #: the trained weights' group first and their EMA's second, and messages name them so.
+  groups: Sequence[str] = ()
+  #: The parameter name `detect` looks for, named when no converter recognises a file.
+  evidence: str = ""
+
+  @abc.abstractmethod
+  def detect(self, ckpt: "Checkpoint") -> bool:
+    """Whether `ckpt` is this kind of file, judged from its parameter names only."""
+
+
+class FamilyConverter(Converter):
+  """A family's training checkpoint -> an arjax workdir.
+
+  arjax/convert/official.py calls, in order: `state_dicts`, `configure`, the registry's
+  validation of the config, `check` against the built tokenizer, then `params` once per state
+  dict; it checks the returned tree against the model's own (every leaf set, every shape) and
+  writes it with a fresh optimizer state.
+  """
+
+  #: The config to check against when the user gives none (a path for `configs.load`);
+  #: None: `--config` is required.
+  default_config: Optional[str] = None
+
+  @abc.abstractmethod
+  def state_dicts(self, ckpt: "Checkpoint", log: Log) -> Tuple[StateDict, StateDict]:
+    """(the trained weights, their EMA); the same object for both when the file has one only,
+    which `log` says."""
+
+  def configure(self, config, ckpt: "Checkpoint", log: Log) -> Tuple[Any, List[str]]:
+    """(a copy of `config` with the fields the file implies, e.g. from its saved training
+    arguments; one 'config.field=value (source)' line per field changed). Raise ConfigError
+    for a config the written workdir could not sample with. By default: unchanged."""
+    return config, []
+
+  def check(self, state_dict: StateDict, config, tokenizer) -> None:
+    """Raise ValueError naming each config field whose value the weights contradict (before
+    the key-by-key match of `params`, whose messages name keys, not fields)."""
+
+  @abc.abstractmethod
+  def params(self, state_dict: StateDict, model) -> Mapping[str, Any]:
+    """The params tree ({'backbone', 'head'}) of `model`, the family's flax module as built
+    for the config, from one state dict. Raise ValueError naming every missing, unexpected
+    and mis-shaped key."""
+
+
+class TokenizerConverter(Converter):
+  """A tokenizer's checkpoint -> an Orbax params tree in the output directory.
+
+  arjax/convert/official.py calls `state_dict`, `architecture` and `params`, saves the tree
+  with Orbax and records the architecture (a dataclass) in DIR/arjax_<name>.json.
+  """
+
+  @abc.abstractmethod
+  def state_dict(self, ckpt: "Checkpoint", log: Log) -> StateDict:
+    """The tokenizer's one state dict in the file; CheckpointError if there is none, or
+    several it cannot tell apart."""
+
+  @abc.abstractmethod
+  def architecture(self, state_dict: StateDict, config=None):
+    """The architecture (a dataclass) to check the weights against: the one `config` (an
+    arjax config, or None) selects when it uses this tokenizer, else the one the weights
+    show."""
+
+  @abc.abstractmethod
+  def params(self, state_dict: StateDict, architecture) -> Mapping[str, Any]:
+    """The params tree for `architecture`; ValueError naming every mismatched key."""
