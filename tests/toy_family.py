@@ -22,8 +22,7 @@ from arjax import registry
 from arjax.config.schema import positive
 from arjax.families import base
 from arjax.heads import noise as noise_draws
-from arjax.sampling.base import (ImageSampler, cfg_schedule, check_num_steps, head_with_solver,
-                                 image_keys)
+from arjax.sampling.base import ImageSampler, cfg_schedule, image_keys
 from arjax.weights import converter
 from arjax.weights.state_dict import CheckpointError
 
@@ -73,22 +72,9 @@ def bag_loss(params, tokens, labels, rng, *, model, head, label_drop, num_classe
 
 @dataclasses.dataclass
 class BagSampler(ImageSampler):
-  """All tokens of a batch in one head call. The call, request checks, compiled-program cache
-  and per-image seeds are ImageSampler's."""
-  model: BagModel
-  head: object
-  tokenizer: object
-  num_steps: int
-  solver: str = "heun"
-  cfg_interval: tuple = (0.0, 1.0)
-
-  def __post_init__(self):
-    check_num_steps(self.num_steps, self.head)
-    self._head = head_with_solver(self.head, self.solver)
-
-  @property
-  def num_classes(self):
-    return self.model.backbone.num_classes
+  """All tokens of a batch in one head call. The fields (model, head, tokenizer, num_steps,
+  solver, ...), the call, request checks, compiled-program cache and per-image seeds are
+  ImageSampler's."""
 
   def guidance_scales(self, cfg_scale, cfg_schedule_name):
     return cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
@@ -104,10 +90,10 @@ class BagSampler(ImageSampler):
         image_keys(rng, image_ids))
     net_fn = lambda x_t, tt, zz: apply(x_t, tt, zz, method=BagModel.head_net)
     scale = jnp.tile(scales, b)[:, None] if guided else None
-    tokens = self._head.sample(net_fn, z, keys.reshape(b * t, *keys.shape[2:]), cfg_scale=scale,
+    tokens = self.head_for_sampling.sample(net_fn, z, keys.reshape(b * t, *keys.shape[2:]), cfg_scale=scale,
                                temperature=temperature, steps=self.num_steps,
                                cfg_interval=self.cfg_interval)
-    tokens = jnp.clip(tokens, *self.tokenizer.value_range) if self.tokenizer.value_range else tokens
+    tokens = jnp.clip(tokens, *self.value_range) if self.value_range else tokens
     return self.tokenizer.decode(tokens.reshape(b, t, d))
 
 
@@ -143,9 +129,6 @@ class BagFamily(base.Family):
   """`model.family='toy_bag'`: no `flops` of its own, so the jaxpr of its real step counts."""
   name = "toy_bag"
   schema = {"model.width": ((int,), positive, "> 0")}
-
-  def cond_width(self, config):
-    return config.model.width
 
   def build(self, config, tokenizer, head_net, head):
     backbone = BagBackbone(num_tokens=tokenizer.num_tokens, width=config.model.width,

@@ -23,6 +23,19 @@ probability = _prob = lambda v: 0.0 <= v < 1.0
 Schema = Dict[str, Tuple[tuple, Callable[[Any], bool], Any]]
 
 
+
+class Plugin:
+  """What every plug-in (a family, a head, a tokenizer kind) tells the config machinery: the
+  name its selector field takes, its own fields, and its cross-field rules."""
+
+  #: The value of its selector (`model.family`, `head.name`, `tokenizer.name`).
+  name: str = ""
+  #: Its own fields, dotted (`model.*`, `head.*`, `tokenizer.*`), as in SCHEMA below.
+  schema: Schema = {}
+
+  def check(self, config) -> None:
+    """Cross-field rules beyond the schema; raise ConfigError naming the field."""
+
 # Fields shared by every family, head and tokenizer; always required. The plug-ins' own fields
 # (`model.*` of a family, `head.*` of a head, `tokenizer.*` of a tokenizer) and the selectors
 # `model.family`, `head.name`, `tokenizer.name` are added by `arjax.registry.schema_for`.

@@ -11,8 +11,10 @@ docs/adding_a_family.md).
 What a family supplies:
 
   schema, sample_schema   its `config.model.*` and extra `config.sample.*` fields
-  check(config)           cross-field rules; ConfigError naming the field
-  cond_width(config)      the width of the z its backbone hands the head
+  check(config)           cross-field rules; ConfigError naming the field (by default each
+                          `head_splits` width must split into its attention heads)
+  cond_width(config)      the width of the z its backbone hands the head (by default
+                          `config.model[cond_width_field]`)
   build(...)              (model, loss): one flax module whose params are {'backbone', 'head'},
                           and loss(params, tokens, labels, rng) -> scalar
   sampler(...)            images = sampler(params, labels, rng, cfg_scale=, cfg_schedule_name=,
@@ -33,7 +35,7 @@ What a family supplies:
 import abc
 from typing import Any, Dict, Sequence, Tuple
 
-from arjax.config.schema import Schema
+from arjax.config.schema import Plugin, Schema, check_divisible
 from arjax.errors import ConfigError
 from arjax.weights.converter import FamilyConverter
 
@@ -52,22 +54,25 @@ def compute_dtype(config):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
 
 
-class Family(abc.ABC):
-  """A model family (see the module docstring for what each method is for)."""
+class Family(Plugin, abc.ABC):
+  """A model family (see the module docstring for what each method is for). `name` is its
+  `config.model.family`, `schema` its `config.model.*` fields (model.family, label_drop, dtype
+  are shared)."""
 
-  #: `config.model.family` of this family.
-  name: str = ""
-  #: Its `config.model.*` fields (model.family, label_drop, dtype are shared).
-  schema: Schema = {}
   #: Sampler fields only this family has (`config.sample.*`).
   sample_schema: Schema = {}
+  #: The `config.model` field holding the width of the z the backbone gives the head.
+  cond_width_field: str = "width"
+  #: (width field, heads field) pairs of `config.model`: each width splits into its heads.
+  head_splits: Sequence[Tuple[str, str]] = ()
 
   def check(self, config) -> None:
-    """Cross-field rules beyond the schema; raise ConfigError naming the field."""
+    for width, num_heads in self.head_splits:
+      check_divisible(config, width, num_heads)
 
-  @abc.abstractmethod
   def cond_width(self, config) -> int:
     """Width of the condition z the backbone gives the head."""
+    return config.model[self.cond_width_field]
 
   @abc.abstractmethod
   def build(self, config, tokenizer, head_net, head) -> Tuple[Any, Any]:

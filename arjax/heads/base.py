@@ -23,21 +23,16 @@ summary count it without knowing which head it is.
 import abc
 from typing import Any, Dict
 
-from arjax.config.schema import Schema
+from arjax.config.schema import Plugin
 
 
-class Head(abc.ABC):
-  """A per-token head: its config fields, its network and algorithm, its FLOPs."""
+class Head(Plugin, abc.ABC):
+  """A per-token head: its config fields (`name` is `config.head.name`; `schema` its own
+  `config.head.*` fields: head.width, head.depth, head.batch_mul are shared), its network and
+  algorithm, its FLOPs."""
 
-  #: `config.head.name` of this head.
-  name: str = ""
-  #: Its own `config.head.*` fields (head.width, head.depth, head.batch_mul are shared).
-  schema: Schema = {}
   #: Whether `config.sample.solver` applies (an ODE head) or its steps are fixed (DDPM).
   uses_solver: bool = True
-
-  def check(self, config) -> None:
-    """Cross-field rules beyond the schema; raise ConfigError naming the field."""
 
   @abc.abstractmethod
   def build(self, config, *, token_dim: int, cond_width: int, dtype) -> tuple:

@@ -14,6 +14,7 @@ import abc
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,13 +91,35 @@ def head_with_solver(head, solver: str):
   return head
 
 
+@dataclasses.dataclass
 class ImageSampler(abc.ABC):
-  """labels -> images; a family's sampler subclasses it (see the module docstring)."""
+  """labels -> images; a family's sampler subclasses it (see the module docstring).
+
+  The fields every sampler has; a subclass (a dataclass too) adds its own after them, keyword
+  arguments like these. `self.head_for_sampling` is `head` with `solver` applied.
+  """
+  model: Any
+  head: Any
+  tokenizer: Any
+  _: dataclasses.KW_ONLY
+  num_steps: Any                     # the head's steps per token (int; DDPM: also a respacing)
+  solver: str = "heun"
+  cfg_interval: tuple = (0.0, 1.0)
+  clip_tokens: bool = True           # sampled tokens clipped into the tokenizer's value range
+
+  def __post_init__(self):
+    check_num_steps(self.num_steps, self.head)
+    self.head_for_sampling = head_with_solver(self.head, self.solver)
 
   @property
-  @abc.abstractmethod
   def num_classes(self) -> int:
-    """Valid class ids are 0 .. num_classes - 1."""
+    """Valid class ids are 0 .. num_classes - 1 (by default the backbone's)."""
+    return self.model.backbone.num_classes
+
+  @property
+  def value_range(self):
+    """Where sampled tokens are clipped (None: nowhere)."""
+    return self.tokenizer.value_range if self.clip_tokens else None
 
   @abc.abstractmethod
   def guidance_scales(self, cfg_scale: float, cfg_schedule_name: str) -> np.ndarray:

@@ -15,22 +15,16 @@ convert`; the interface: `arjax.weights.converter.TokenizerConverter`).
 import abc
 from typing import Sequence
 
-from arjax.config.schema import Schema
+from arjax.config.schema import Plugin
 from arjax.weights.converter import TokenizerConverter
 
 
-class TokenizerKind(abc.ABC):
-  """A kind of tokenizer: its config fields and how to build one."""
+class TokenizerKind(Plugin, abc.ABC):
+  """A kind of tokenizer (`name` is `config.tokenizer.name`, `schema` its `config.tokenizer.*`
+  fields, `check` e.g. the image size against the stride) and how to build one."""
 
-  #: `config.tokenizer.name` of this kind.
-  name: str = ""
-  #: Its `config.tokenizer.*` fields.
-  schema: Schema = {}
   #: Whether it can train from a latent cache (`config.data.latents`, `cache_latents`).
   caches_latents: bool = False
-
-  def check(self, config) -> None:
-    """Cross-field rules beyond the schema (e.g. the image size against the stride)."""
 
   @abc.abstractmethod
   def make(self, tok_cfg, data_cfg, *, abstract: bool = False):

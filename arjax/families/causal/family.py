@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from arjax.config.schema import check_divisible, positive
+from arjax.config.schema import positive
 from arjax.families import base
 from arjax.families.causal.backbone import CausalTransformer
 from arjax.families.causal.model import ARModel, causal_loss
@@ -43,6 +43,8 @@ def is_guided(config) -> bool:
 class CausalFamily(base.Family):
   """`model.family='causal'`."""
   name = "causal"
+  cond_width_field = "width"
+  head_splits = (("width", "num_heads"),)
   schema = {
       "model.width": ((int,), positive, "> 0"),
       "model.depth": ((int,), positive, "> 0"),
@@ -51,12 +53,6 @@ class CausalFamily(base.Family):
       "model.num_class_tokens": ((int,), positive, "> 0"),
       **base.BLOCK_STACK_SCHEMA,
   }
-
-  def check(self, config):
-    check_divisible(config, "width", "num_heads")
-
-  def cond_width(self, config):
-    return config.model.width
 
   def build(self, config, tokenizer, head_net, head):
     m = config.model

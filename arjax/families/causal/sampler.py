@@ -30,8 +30,7 @@ import jax.numpy as jnp
 
 from arjax.families.causal.model import ARModel
 from arjax.heads import noise as noise_draws
-from arjax.sampling.base import (ImageSampler, cfg_schedule, check_num_steps, head_with_solver,
-                                 image_keys)
+from arjax.sampling.base import ImageSampler, cfg_schedule, image_keys
 
 
 def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, guided: bool,
@@ -93,30 +92,14 @@ def token_step(params, z, cache, position, keys, cfg_scale, temperature, *, mode
 @dataclasses.dataclass
 class Sampler(ImageSampler):
   """Samples images from class labels; compiles once per batch size and guidance on/off."""
-  model: ARModel
-  head: object
-  tokenizer: object
-  num_steps: int
-  solver: str = "heun"
-  cfg_interval: tuple = (0.0, 1.0)
-  clip_tokens: bool = True
-
-  def __post_init__(self):
-    check_num_steps(self.num_steps, self.head)
-    self._head = head_with_solver(self.head, self.solver)
-
-  @property
-  def num_classes(self) -> int:
-    return self.model.backbone.num_classes
 
   def guidance_scales(self, cfg_scale, cfg_schedule_name):
     return cfg_schedule(cfg_scale, cfg_schedule_name, self.tokenizer.num_tokens)
 
   def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
     tokens, _ = sample_tokens(
-        params, labels, rng, scales, temperature, model=self.model, head=self._head,
+        params, labels, rng, scales, temperature, model=self.model, head=self.head_for_sampling,
         guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
-        cfg_interval=tuple(self.cfg_interval),
-        value_range=self.tokenizer.value_range if self.clip_tokens else None,
+        cfg_interval=tuple(self.cfg_interval), value_range=self.value_range,
         image_ids=image_ids)
     return self.tokenizer.decode(tokens)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from arjax.config.schema import check_divisible, positive
+from arjax.config.schema import positive
 from arjax.families import base
 from arjax.families.masked import model as masked_ar
 from arjax.families.masked.backbone import MarBackbone
@@ -68,6 +68,8 @@ def expected_over_mask_law(num_tokens: int, mask_ratio_min: float, mask_ratio_st
 class MaskedFamily(base.Family):
   """`model.family='mar'`."""
   name = "mar"
+  cond_width_field = "decoder_width"
+  head_splits = (("encoder_width", "encoder_heads"), ("decoder_width", "decoder_heads"))
   schema = {
       "model.encoder_width": ((int,), positive, "> 0"),
       "model.encoder_depth": ((int,), positive, "> 0"),
@@ -87,13 +89,6 @@ class MaskedFamily(base.Family):
       "sample.num_iter": ((int,), positive, "> 0"),
       "sample.kept_buckets": ((int,), positive, "> 0"),
   }
-
-  def check(self, config):
-    check_divisible(config, "encoder_width", "encoder_heads")
-    check_divisible(config, "decoder_width", "decoder_heads")
-
-  def cond_width(self, config):
-    return config.model.decoder_width
 
   def build(self, config, tokenizer, head_net, head):
     m = config.model

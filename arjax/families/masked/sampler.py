@@ -44,7 +44,7 @@ import numpy as np
 
 from arjax.heads import noise as noise_draws
 from arjax.families.masked.model import MaskedARModel, random_orders
-from arjax.sampling.base import ImageSampler, check_num_steps, head_with_solver, image_keys
+from arjax.sampling.base import ImageSampler, image_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,36 +254,24 @@ class MarSampler(ImageSampler):
   """Samples images from class labels; compiles once per batch size and guidance on/off.
 
   Row b of a call is image `first_index + b` of the request (see Seeds in the module
-  docstring).
+  docstring). `num_iter`: MAR's steps (tokens predicted per step: `mask_schedule`);
+  `kept_buckets`: encoder segments (see the module docstring).
   """
-  model: MaskedARModel
-  head: object
-  tokenizer: object
   num_iter: int
-  num_steps: int
-  solver: str = "heun"
-  cfg_interval: tuple = (0.0, 1.0)
   kept_buckets: int = 4
-  clip_tokens: bool = True
 
   def __post_init__(self):
     if isinstance(self.num_iter, bool) or not isinstance(self.num_iter, int) or self.num_iter <= 0:
       raise ValueError(f"num_iter={self.num_iter!r}: must be an integer > 0")
-    check_num_steps(self.num_steps, self.head)
-    self._head = head_with_solver(self.head, self.solver)
+    super().__post_init__()
     self.schedule = mask_schedule(self.tokenizer.num_tokens, self.num_iter)
-
-  @property
-  def num_classes(self) -> int:
-    return self.model.backbone.num_classes
 
   def guidance_scales(self, cfg_scale, cfg_schedule_name):
     return cfg_scales(self.schedule, cfg_scale, cfg_schedule_name)
 
   def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
     return self.tokenizer.decode(sample_tokens(
-        params, labels, rng, scales, temperature, model=self.model, head=self._head,
+        params, labels, rng, scales, temperature, model=self.model, head=self.head_for_sampling,
         schedule=self.schedule, guided=guided, num_steps=self.num_steps,
         kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
-        value_range=self.tokenizer.value_range if self.clip_tokens else None,
-        image_ids=image_ids))
+        value_range=self.value_range, image_ids=image_ids))
