@@ -24,8 +24,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.num_classes = 10
   # Seed of the shuffle; the pipeline is a pure function of (seed, step) so resume is exact.
   config.data.shuffle_seed = 0
-  # Augmentations: horizontal flips make no sense for digits.
+  # Augmentations: horizontal flips make no sense for digits (they change the class).
   config.data.random_flip = False
+  # Random translation by up to this many pixels per axis (0 = off).
+  config.data.random_translate = 0
   # Host-side worker threads/processes for decoding; 0 = in the main thread.
   config.data.worker_count = 0
   # A latent cache (`python -m arjax cache_latents`) to train from instead of images, for VAE
@@ -57,6 +59,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.remat = "none"
   # Compute dtype; parameters and optimizer state stay float32.
   config.model.dtype = "float32"
+  # Dropout (training only) of attention probabilities and of the blocks' residual branches.
+  config.model.attention_dropout = 0.0
+  config.model.dropout = 0.0
 
   config.head = ml_collections.ConfigDict()
   config.head.name = "flow"
@@ -64,6 +69,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.head.depth = 3
   # Noise/time draws per backbone output z (MAR's diffusion_batch_mul).
   config.head.batch_mul = 4
+  # Dropout (training only) in the head's residual blocks.
+  config.head.dropout = 0.0
   # Logit-normal training time distribution.
   config.head.t_mean = 0.0
   config.head.t_std = 1.0

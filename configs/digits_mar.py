@@ -30,6 +30,9 @@ def mar_model(encoder_width, encoder_depth, encoder_heads, decoder_width, decode
   # Rows of class embedding in front of the encoder (MAR's buffer_size).
   m.buffer_size = buffer_size
   m.norm_eps = 1e-6
+  # Dropout (training only): MAR's attn_dropout and proj_dropout.
+  m.attention_dropout = 0.0
+  m.dropout = 0.0
   # Share of labels replaced by the learned null class (MAR's label_drop_prob).
   m.label_drop = 0.1
   # Mask ratio ~ N(1, mask_ratio_std) truncated to [mask_ratio_min, 1], one per batch.

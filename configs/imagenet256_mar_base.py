@@ -68,12 +68,15 @@ def mar_imagenet256(size: str):
   config.model.mask_ratio_std = 0.25
   config.model.mask_buckets = 4
   config.model.dtype = "bfloat16"
+  config.model.attention_dropout = 0.1  # MAR's attn_dropout and proj_dropout (main_mar.py)
+  config.model.dropout = 0.1
 
   config.head = type(config.head)()
   config.head.name = "mar_diffusion"
   config.head.width = head_width
   config.head.depth = head_depth
   config.head.batch_mul = 4
+  config.head.dropout = 0.0  # MAR's DiffLoss has none
   config.head.num_timesteps = 1000
   config.head.noise_schedule = "cosine"
 

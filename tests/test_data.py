@@ -211,6 +211,30 @@ def test_random_flip_is_per_element_and_reproducible():
   assert 60 < was_flipped.sum() < 140
 
 
+def test_random_translation_moves_each_image_by_its_own_seeded_shift():
+  # 5x5 images with one bright pixel at the centre: where it lands is the shift.
+  centre = np.zeros((5, 5, 1), np.uint8)
+  centre[2, 2] = 255
+  source = [{"image": centre, "label": 0}] * 300
+
+  def first_batch(shift):
+    data = _digits_data(None, image_size=5, random_translate=shift)
+    return pipeline.denormalize(pipeline.train_dataset(source, data, global_batch_size=300,
+                                                       seed=0)[0]["image"])
+
+  moved = first_batch(1)
+  np.testing.assert_array_equal(moved, first_batch(1))
+  np.testing.assert_array_equal(first_batch(0), np.broadcast_to(centre, moved.shape))
+  where = np.array([np.unravel_index(np.argmax(m[..., 0]), (5, 5)) for m in moved]) - 2
+  assert np.all(moved.reshape(300, -1).max(1) == 255) and np.all(np.abs(where) <= 1)
+  # Every one of the 9 shifts occurs, about equally often.
+  counts = np.unique(where, axis=0, return_counts=True)[1]
+  assert len(counts) == 9 and counts.min() > 15
+  # What leaves the frame is lost, what enters is background.
+  np.testing.assert_array_equal(pipeline.translate(np.arange(9).reshape(3, 3, 1), 1, -1)[..., 0],
+                                [[0, 0, 0], [1, 2, 0], [4, 5, 0]])
+
+
 def test_get_state_set_state_resumes_exactly(data_dir):
   data = _digits_data(data_dir, random_flip=True)
   original = pipeline.make_train_iterator(data, global_batch_size=64, seed=7)

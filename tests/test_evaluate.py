@@ -282,6 +282,26 @@ def test_gaussian_baseline_matches_requested_classes(digits):
       digits["train_images"], digits["train_labels"], labels, seed=0))
 
 
+def test_gmm_baseline_is_seeded_per_class_and_closer_to_the_data_than_one_gaussian(digits):
+  labels = np.repeat(np.arange(10), 30)
+  train = digits["train_images"], digits["train_labels"]
+  draws = ev.per_class_gmm_samples(*train, labels, seed=0)
+  assert draws.dtype == np.uint8 and draws.shape == (300,) + train[0].shape[1:]
+  np.testing.assert_array_equal(draws, ev.per_class_gmm_samples(*train, labels, seed=0))
+  assert not np.array_equal(draws, ev.per_class_gmm_samples(*train, labels, seed=1))
+  # Each draw is nearer its own class's train images than the one Gaussian's draws are: the
+  # mixture models the strokes' variety, the Gaussian blurs it.
+  gaussian = ev.per_class_gaussian_samples(*train, labels, seed=0)
+  def nearest_own_class(images):
+    return np.mean([ev.nearest_neighbours(images[labels == c].astype(np.float64),
+                                          train[0][train[1] == c].astype(np.float64))[1].mean()
+                    for c in range(10)])
+  assert nearest_own_class(draws) < 0.9 * nearest_own_class(gaussian)
+  with pytest.raises(ValueError, match="class 3; the 5-component GMM baseline needs >= 10"):
+    keep = (train[1] != 3) | (np.cumsum(train[1] == 3) <= 4)
+    ev.per_class_gmm_samples(train[0][keep], train[1][keep], labels, seed=0)
+
+
 # --- Full evaluation ---------------------------------------------------------
 
 
@@ -303,7 +323,7 @@ def test_evaluate_scores_real_heldout_images_as_near_perfect(
   assert result["classifier_test_accuracy"] >= 0.97
   assert result == _evaluate(digits, cache_dir, samples, labels)  # seeded
   report = ev.format_report(result)
-  for heading in ("model", "held-out real", "per-class Gaussian",
+  for heading in ("model", "held-out real", "per-class Gaussian", "per-class GMM",
                   "frechet_distance", "memorization"):
     assert heading in report
 

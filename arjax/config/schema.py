@@ -51,6 +51,8 @@ SCHEMA: Schema = {
     "data.num_classes": ((int,), _pos, "> 0"),
     "data.shuffle_seed": ((int,), None, ""),
     "data.random_flip": ((bool,), None, ""),
+    # Random translation of every training image by up to this many pixels per axis; 0 = off.
+    "data.random_translate": ((int,), _nonneg, ">= 0"),
     "data.worker_count": ((int,), _nonneg, ">= 0"),
     # A latent cache written by `python -m arjax cache_latents`; None: encode images on the fly.
     "data.latents": ((str, type(None)), None, ""),
@@ -59,6 +61,8 @@ SCHEMA: Schema = {
     "head.width": ((int,), _pos, "> 0"),
     "head.depth": ((int,), _pos, "> 0"),
     "head.batch_mul": ((int,), _pos, "> 0"),
+    # Dropout in the head's residual blocks, in training only; 0 = none.
+    "head.dropout": ((float, int), _prob, "in [0, 1)"),
     "train.global_batch_size": ((int,), _pos, "> 0"),
     "train.num_steps": ((int,), _pos, "> 0"),
     "train.learning_rate": ((float, int), _pos, "> 0"),
@@ -145,6 +149,13 @@ def check_divisible(config, width: str, num_heads: str) -> None:
 
 def check_shared(config) -> None:
   """The cross-field rules of the shared fields (run after `check_fields`)."""
+  if config.data.random_translate and config.data.latents:
+    raise ConfigError(f"config.data.random_translate={config.data.random_translate} cannot "
+                      f"apply to a latent cache (config.data.latents={config.data.latents!r}): "
+                      "its records hold each image and its flip only; set it to 0")
+  if config.data.random_translate >= config.data.image_size:
+    raise ConfigError(f"config.data.random_translate={config.data.random_translate} must be "
+                      f"below config.data.image_size={config.data.image_size}")
   if config.train.warmup_steps > config.train.num_steps:
     raise ConfigError(f"config.train.warmup_steps={config.train.warmup_steps} exceeds "
                       f"config.train.num_steps={config.train.num_steps}")

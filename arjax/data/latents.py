@@ -145,7 +145,7 @@ class _ReadLatent:
     self.source = source
 
   def __call__(self, drawn: tuple) -> dict:
-    position, flip = drawn
+    position, flip, _ = drawn  # no translation: config checks refuse it with a latent cache
     record = self.source[position]
     return {"moments": record["moments"][int(flip)], "label": record["label"]}
 

@@ -11,11 +11,11 @@ The training pipeline is a grain `MapDataset`, so every batch is a pure
 function of (seed, step) and the iterator's state is a single integer:
 
   positions 0..N-1 -> shuffle (reshuffled every epoch) -> repeat forever
-    -> per-element flip draw (seeded by seed and the element's index in this
-       global stream, so it does not depend on the number of processes)
+    -> per-element flip and translation draws (seeded by seed and the element's
+       index in this global stream, so they do not depend on the number of processes)
     -> shard: with G = global_batch_size and L = G // P, process p takes the
        contiguous block [k*G + p*L, k*G + (p+1)*L) of global batch k
-    -> read + validate + resize/convert channels + flip
+    -> read + validate + resize/convert channels + flip + translate
     -> batch(L), normalise to [-1, 1]
 
 With P processes, step k's local batches, concatenated in process order (as
@@ -67,6 +67,7 @@ _BUILDERS = {"digits": digits.Digits}
 # Separate random streams derived from the one data seed.
 _SHUFFLE_STREAM = 0
 _FLIP_STREAM = 1
+_TRANSLATE_STREAM = 3
 
 
 # -----------------------------------------------------------------------------
@@ -295,15 +296,43 @@ class _FlipDraw:
 
 
 @dataclasses.dataclass(frozen=True)
+class _TranslateDraw:
+  """(stream index, (position, flip?)) -> (position, flip?, (dy, dx)), each shift uniform in
+  [-max_shift, max_shift], seeded by (seed, stream index); (0, 0) when off."""
+  seed: Optional[int]
+  max_shift: int
+
+  def __call__(self, stream_index: int, drawn: tuple) -> tuple:
+    if self.seed is None:
+      return (*drawn, (0, 0))
+    rng = np.random.default_rng([self.seed, stream_index])
+    dy, dx = rng.integers(-self.max_shift, self.max_shift + 1, size=2)
+    return (*drawn, (int(dy), int(dx)))
+
+
+def translate(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """image [H, W, C] moved down dy and right dx pixels; what leaves the frame is lost and what
+  enters is 0 (the digits' background)."""
+  if not dy and not dx:
+    return image
+  h, w = image.shape[:2]
+  out = np.zeros_like(image)
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+      image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
 class _ReadRecord:
   source: Any
   decode: RecordDecoder
 
   def __call__(self, drawn: tuple) -> dict:
-    position, flip = drawn
+    position, flip, shift = drawn
     example = self.decode(self.source[position], position)
     if flip:
       example["image"] = example["image"][:, ::-1]
+    example["image"] = translate(example["image"], *shift)
     return example
 
 
@@ -314,7 +343,8 @@ def _collate(examples: Sequence[dict]) -> dict:
 
 def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """This process's endless stream of (source position, flip?) draws, before any reading.
+  """This process's endless stream of (source position, flip?, (dy, dx)) draws, before any
+  reading.
 
   Shared by the image pipeline below and the latent cache (arjax/data/latents.py), so that both
   visit the same records in the same order with the same flips for the same seed.
@@ -328,6 +358,9 @@ def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: 
   ds = grain.MapDataset.range(num_records).shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM))
   ds = ds.repeat()
   ds = ds.map_with_index(_FlipDraw(flip_seed))
+  shift = data_cfg.random_translate
+  ds = ds.map_with_index(_TranslateDraw(
+      _derived_seed(seed, _TRANSLATE_STREAM) if shift else None, shift))
   if process_count == 1:
     return ds
   block = _ProcessBlock(ds, global_batch_size, process_index, process_count)

@@ -45,6 +45,10 @@ BLOCK_STACK_SCHEMA: Schema = {
     "model.scan_layers": ((bool,), None, ""),
     "model.remat": ((str,), lambda v: v in ("none", "full", "dots", "dots_no_batch"),
                     "one of 'none', 'full', 'dots', 'dots_no_batch'"),
+    # Dropout of the attention probabilities and of each block's residual branches, in
+    # training only (MAR's attn_dropout / proj_dropout); 0 = none.
+    "model.attention_dropout": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.dropout": ((float, int), lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
 }
 
 

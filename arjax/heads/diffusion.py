@@ -379,7 +379,8 @@ class MarDiffusionHead(base.Head):
     from arjax.heads.mar_mlp import MarMLPAdaLN  # pylint: disable=import-outside-toplevel
     h = config.head
     net = MarMLPAdaLN(in_channels=token_dim, model_channels=h.width, z_channels=cond_width,
-                      num_res_blocks=h.depth, dtype=dtype, num_timesteps=h.num_timesteps)
+                      num_res_blocks=h.depth, dtype=dtype, num_timesteps=h.num_timesteps,
+                      dropout=h.dropout)
     return net, MarDiffusion(token_dim=token_dim, batch_mul=h.batch_mul,
                              num_sampling_steps=str(config.sample.num_steps),
                              num_timesteps=h.num_timesteps, noise_schedule=h.noise_schedule)

@@ -40,6 +40,7 @@ class FlowHeadNet(nn.Module):
   width: int
   depth: int
   dtype: Dtype = jnp.float32
+  dropout: float = 0.0  # in the residual blocks, training only
 
   @nn.compact
   def __call__(self, x_t, t, z):
@@ -59,7 +60,8 @@ class FlowHeadNet(nn.Module):
           [(f"block_{i}", "modulation") for i in range(self.depth)] + [("final_modulation",)],
           nn.silu(c), self.dtype)
     for i in range(self.depth):
-      h = adaln.AdaLNResBlock(dtype=self.dtype, name=f"block_{i}")(h, c, modulations[i])
+      h = adaln.AdaLNResBlock(dtype=self.dtype, dropout=self.dropout, name=f"block_{i}")(
+          h, c, modulations[i])
     v = adaln.modulated_output(h, modulations[-1], self.token_dim, name="output", dtype=self.dtype)
     return v.astype(jnp.float32)
 
@@ -154,7 +156,8 @@ class FlowHead(base.Head):
 
   def build(self, config, *, token_dim, cond_width, dtype):
     h = config.head
-    return (FlowHeadNet(token_dim=token_dim, width=h.width, depth=h.depth, dtype=dtype),
+    return (FlowHeadNet(token_dim=token_dim, width=h.width, depth=h.depth, dtype=dtype,
+                        dropout=h.dropout),
             FlowMatching(token_dim=token_dim, batch_mul=h.batch_mul, t_mean=h.t_mean,
                          t_std=h.t_std))
 

@@ -90,6 +90,7 @@ class MarMLPAdaLN(nn.Module):
   frequency_embedding_size: int = 256
   dtype: Dtype = jnp.float32
   num_timesteps: Optional[int] = None  # integer timesteps' table size (see the docstring)
+  dropout: float = 0.0  # in the residual blocks, training only (MAR's head has none)
 
   @property
   def out_channels(self) -> int:
@@ -119,6 +120,6 @@ class MarMLPAdaLN(nn.Module):
           [(owner, "adaLN_modulation_1") for owner in owners], nn.silu(y), self.dtype)
     for i in range(self.num_res_blocks):
       h = adaln.AdaLNResBlock(_RES_BLOCK_NAMES, fast_variance=False, dtype=self.dtype,
-                              name=owners[i])(h, y, modulations[i])
+                              dropout=self.dropout, name=owners[i])(h, y, modulations[i])
     out = _FinalLayer(self.out_channels, self.dtype, name="final_layer")(h, y, modulations[-1])
     return out.astype(jnp.float32)

@@ -57,6 +57,8 @@ class AdaLNResBlock(nn.Module):
   # The LayerNorm's variance in one pass (flax's default) or two (torch's; see dense.layer_norm).
   fast_variance: bool = True
   dtype: Dtype = jnp.float32
+  # Dropout of the branch before its gate, in training only.
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, c, modulation=None):
@@ -73,7 +75,7 @@ class AdaLNResBlock(nn.Module):
     h = modulate(norm(x), shift, scale)
     h = dense_lib.dense(width, ("mlp", "mlp_out"), dtype=self.dtype, name=names.fc1)(h)
     h = dense_lib.dense(width, ("mlp_out", "mlp"), dtype=self.dtype, name=names.fc2)(nn.silu(h))
-    return x + gate * h
+    return x + gate * dense_lib.dropout(self, h, self.dropout)
 
 
 def modulated_output(x, modulation, features: int, *, name: str, dtype: Dtype,

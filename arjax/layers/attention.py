@@ -89,6 +89,8 @@ class Attention(nn.Module):
   key_bias: bool = True
   out_name: str = "out"
   rope: Optional[Rope] = None
+  # Dropout of the attention probabilities (timm's attn_drop), in training only.
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, key_mask=None, queries=None, query_positions=None,
@@ -142,6 +144,7 @@ class Attention(nn.Module):
     if shown is not None:
       logits = jnp.where(shown, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = dense_lib.dropout(self, probs, self.dropout)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(self.dtype))
     # Heads concatenated (feature h*Dh + d) before the output projection, as timm does.
     out = dense_lib.dense_general(width, ("heads", "kv", "embed"), dtype=self.dtype,

@@ -112,6 +112,27 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.dtype)
 
 
+# The rng collection dropout draws from. A loss passes it (`rngs={DROPOUT_RNG: key}`) and
+# dropout applies; init and the samplers do not, and every dropout is the identity there.
+DROPOUT_RNG = "dropout"
+_DROPOUT_STREAM = 0xD50
+
+
+def dropout_rngs(rng) -> dict:
+  """A loss's `rngs` for apply: dropout draws from its own stream of the step's key, so it
+  changes no other draw (and nothing at all when every rate is 0)."""
+  return {DROPOUT_RNG: jax.random.fold_in(rng, _DROPOUT_STREAM)}
+
+
+def dropout(module: nn.Module, x, rate: float):
+  """Dropout of `x` at `rate` inside `module`'s compact method, while the apply call carries a
+  DROPOUT_RNG key (training); the identity otherwise, and always at rate 0 (no module made, so
+  a config without dropout has exactly the numbers it had before dropout existed)."""
+  if not rate:
+    return x
+  return nn.Dropout(rate, deterministic=not module.has_rng(DROPOUT_RNG))(x)
+
+
 def constrain(x, axes: Sequence[Optional[str]]):
   """`nn.with_logical_constraint`: shards activation `x` as the rules table says for `axes`
   (inside `arjax.parallel.sharding.activation_rules`; elsewhere it returns x unchanged)."""

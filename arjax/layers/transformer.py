@@ -28,17 +28,22 @@ class DecoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
   dtype: Dtype = jnp.float32
+  # Dropout of the attention probabilities, and of each residual branch's output.
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, cache: Optional[KVCache] = None, index=None):
     width = x.shape[-1]
     hidden = mlp.swiglu_hidden(width, self.mlp_ratio)
     h, new_cache = attention.Attention(self.num_heads, mask="causal", dtype=self.dtype,
-                                       key_bias=False, name="attn")(
+                                       key_bias=False, dropout=self.attention_dropout,
+                                       name="attn")(
         dense_lib.RMSNorm(dtype=self.dtype, name="attn_norm")(x), cache=cache, index=index)
-    x = x + h
-    x = x + mlp.SwiGLU(hidden, dtype=self.dtype, name="mlp")(
+    x = x + dense_lib.dropout(self, h, self.dropout)
+    h = mlp.SwiGLU(hidden, dtype=self.dtype, name="mlp")(
         dense_lib.RMSNorm(dtype=self.dtype, name="mlp_norm")(x))
+    x = x + dense_lib.dropout(self, h, self.dropout)
     x = dense_lib.constrain(x, ("batch", "length", "embed"))
     return x, new_cache
 
@@ -77,7 +82,7 @@ def block_stack(block_cls, *, depth: int, scan: bool, remat: str, name: str,
   if not scan:
     return [cls(**block_kwargs, name=f"{name}_{i}") for i in range(depth)]
   return nn.scan(
-      cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      cls, variable_axes={"params": 0}, split_rngs={"params": True, dense_lib.DROPOUT_RNG: True},
       in_axes=(0,) * per_layer_args + (nn.broadcast,) * broadcast_args, length=depth,
       metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs, name=scan_name or f"{name}s")
 

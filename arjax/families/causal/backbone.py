@@ -41,6 +41,9 @@ class CausalTransformer(nn.Module):
   # jax.checkpoint policy (see layers.block_stack); the KV cache is stacked alike when scanned.
   scan_layers: bool = False
   remat: str = "none"
+  # Dropout of attention probabilities and of the blocks' residual branches (training only).
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
 
   def setup(self):
     self.class_embed = self.param(
@@ -55,7 +58,8 @@ class CausalTransformer(nn.Module):
     self.blocks = layers.block_stack(
         layers.DecoderBlock, depth=self.depth, scan=self.scan_layers, remat=self.remat,
         name="block", per_layer_args=1, broadcast_args=1, num_heads=self.num_heads,
-        mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_dropout=self.attention_dropout,
+        dropout=self.dropout)
     self.final_norm = dense_lib.RMSNorm(dtype=self.dtype)
 
   def cache_length(self) -> int:

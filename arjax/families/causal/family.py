@@ -61,7 +61,8 @@ class CausalFamily(base.Family):
         num_tokens=tokenizer.num_tokens, token_dim=tokenizer.token_dim, width=m.width,
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
         num_classes=config.data.num_classes, num_class_tokens=m.num_class_tokens, dtype=dtype,
-        scan_layers=m.scan_layers, remat=m.remat)
+        scan_layers=m.scan_layers, remat=m.remat, attention_dropout=m.attention_dropout,
+        dropout=m.dropout)
     model = ARModel(backbone=backbone, head=head_net)
     loss = functools.partial(causal_loss, model=model, head=head, label_drop=m.label_drop,
                              num_classes=config.data.num_classes)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from arjax.layers.dense import dropout_rngs
+
 Dtype = Any
 
 
@@ -45,7 +47,7 @@ def causal_loss(params, tokens, labels, rng, *, model: ARModel, head, label_drop
   drop_rng, head_rng = jax.random.split(rng)
   drop = jax.random.uniform(drop_rng, labels.shape) < label_drop
   labels = jnp.where(drop, num_classes, labels)
-  apply = functools.partial(model.apply, {"params": params})
+  apply = functools.partial(model.apply, {"params": params}, rngs=dropout_rngs(rng))
   z = apply(tokens, labels, method=ARModel.condition)
   b, t, d = tokens.shape
   net_fn = lambda x_t, tt, zz: apply(x_t, tt, zz, method=ARModel.head_net)

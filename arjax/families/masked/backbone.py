@@ -63,6 +63,9 @@ class ViTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   # Under nn.scan a block must return (carry, per-layer output): (x, None).
   scan_carry: bool = False
+  # MAR's attn_dropout (attention probabilities) and proj_dropout (each branch's output).
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, key_mask=None, query_rows=None):
@@ -80,10 +83,11 @@ class ViTBlock(nn.Module):
     # timm's fused qkv Linear is held as query/key/value (the converter splits its rows) and
     # `attn.proj` as the output projection.
     attended, _ = attention.Attention(self.num_heads, mask="bidirectional", dtype=self.dtype,
-                                      out_name="proj", name="attn")(
-                                          normed, key_mask=key_mask, queries=queries)
-    x = x + attended
-    x = x + mlp.GeluMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm("norm2")(x))
+                                      out_name="proj", dropout=self.attention_dropout,
+                                      name="attn")(normed, key_mask=key_mask, queries=queries)
+    x = x + dense_lib.dropout(self, attended, self.dropout)
+    h = mlp.GeluMlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm("norm2")(x))
+    x = x + dense_lib.dropout(self, h, self.dropout)
     x = dense_lib.constrain(x, ("batch", "length", "embed"))
     return (x, None) if self.scan_carry else x
 
@@ -120,13 +124,16 @@ class MarBackbone(nn.Module):
   # then not sown) and their jax.checkpoint policy; see layers.block_stack.
   scan_layers: bool = False
   remat: str = "none"
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
 
   def _blocks(self, name: str, depth: int, num_heads: int, broadcast_args: int):
     return layers.block_stack(
         ViTBlock, depth=depth, scan=self.scan_layers, remat=self.remat, name=name,
         scan_name=name, broadcast_args=broadcast_args, num_heads=num_heads,
         mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps, dtype=self.dtype,
-        scan_carry=self.scan_layers)
+        scan_carry=self.scan_layers, attention_dropout=self.attention_dropout,
+        dropout=self.dropout)
 
   def setup(self):
     d_enc, d_dec = self.encoder_embed_dim, self.decoder_embed_dim

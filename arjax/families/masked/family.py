@@ -99,7 +99,8 @@ class MaskedFamily(base.Family):
         encoder_num_heads=m.encoder_heads, decoder_embed_dim=m.decoder_width,
         decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads,
         num_classes=config.data.num_classes, buffer_size=m.buffer_size, mlp_ratio=m.mlp_ratio,
-        norm_eps=m.norm_eps, dtype=dtype, scan_layers=m.scan_layers, remat=m.remat)
+        norm_eps=m.norm_eps, dtype=dtype, scan_layers=m.scan_layers, remat=m.remat,
+        attention_dropout=m.attention_dropout, dropout=m.dropout)
     model = MaskedARModel(backbone=backbone, head=head_net)
     top = masked_ar.max_kept(tokenizer.num_tokens, m.mask_ratio_min)
     loss = functools.partial(masked_ar.masked_loss, model=model, head=head,

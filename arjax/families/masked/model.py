@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from arjax.layers.dense import dropout_rngs
+
 
 class MaskedARModel(nn.Module):
   backbone: nn.Module
@@ -117,7 +119,7 @@ def masked_loss(params, tokens, labels, rng, *, model: MaskedARModel, head,
   drop = jax.random.uniform(drop_rng, (batch,)) < label_drop
 
   def loss_padded_to(num_kept, num_rows, params):
-    apply = functools.partial(model.apply, {"params": params})
+    apply = functools.partial(model.apply, {"params": params}, rngs=dropout_rngs(rng))
     # An image's masked positions are the first num_masked of its order (mask_by_order).
     positions = orders[:, :num_rows]
     z = apply(tokens, mask, labels, num_kept, drop, positions, method=MaskedARModel.condition)
