@@ -90,6 +90,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.log_every = 50
   # A PNG grid of samples (one row per class) every this many steps; 0 = never.
   config.train.sample_every = 1000
+  # Fréchet distance and memorisation of eval_num_samples EMA samples every this many steps
+  # (train_curves.png): where a run starts to memorise. 0 = never.
+  config.train.eval_every = 0
+  config.train.eval_num_samples = 200
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 2
   # Steps with a NaN/Inf loss or gradient are skipped (no update); this many in a row stop

@@ -21,13 +21,16 @@ NUM_STEPS = 6
 
 def config_for(data_dir):
   """Periods chosen so that no two hooks share all their steps: checkpoints at 3 and 6 (the
-  end), logs at 4 and with each checkpoint, sample grids at 4 and at num_steps."""
+  end), logs at 4 and with each checkpoint, sample grids at 4 and at num_steps, quality probes
+  at 5 and at the end."""
   config = configs.load(str(REPO_ROOT / "configs/digits.py:smoke"))
   config.data.data_dir = data_dir
   config.train.num_steps = NUM_STEPS
   config.train.checkpoint_every = 3
   config.train.log_every = 4
   config.train.sample_every = 4
+  config.train.eval_every = 5
+  config.train.eval_num_samples = 20
   config.train.keep_checkpoints = 3
   return config
 
@@ -95,6 +98,7 @@ def test_each_hook_runs_at_its_period(straight):
   assert steps_of(log, "Logging") == [1, 2, 3, 4, 5, 6]  # the progress bar moves every step
   assert steps_of(log, "NonFinite") == [3, 4, 6]  # log steps: log_every, checkpoints, the end
   assert steps_of(log, "SampleGrid") == [4, 6]  # sample_every and num_steps
+  assert steps_of(log, "QualityProbe") == [5, 6]  # eval_every and the end
   assert steps_of(log, "every5") == [5]
   assert steps_of(log, "every5+end") == [5, 6]
   assert steps_of(log, "Checkpoint") == [3, 6]
@@ -103,13 +107,17 @@ def test_each_hook_runs_at_its_period(straight):
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
       "step_0000004.png", "step_0000006.png"]
   records = plots.read_records(os.path.join(workdir, "train_metrics.jsonl"))
-  assert [r["step"] for r in records] == [3, 4, 6]
+  assert [r["step"] for r in records if "loss" in r] == [3, 4, 6]
+  probes = [r for r in records if "probe_frechet_distance" in r]
+  assert [r["step"] for r in probes] == [5, 6]
+  for r in probes:  # eval's own metrics on the 20 samples: an untrained model's are poor
+    assert r["probe_frechet_distance"] > 0 and 0 <= r["probe_memorization"] <= 1
 
 
 def test_hooks_run_in_their_order_after_each_step_and_close_last_first(straight):
   _, _, _, log = straight
-  order = ["Preemption", "NonFinite", "Logging", "SampleGrid", "every5", "every5+end",
-           "Checkpoint"]
+  order = ["Preemption", "NonFinite", "Logging", "SampleGrid", "QualityProbe", "every5",
+           "every5+end", "Checkpoint"]
   for step in range(1, NUM_STEPS + 1):
     called = [n for event, s, n in log if event == "call" and s == step]
     assert called == [n for n in order if n in called], (step, called)

@@ -75,6 +75,9 @@ SCHEMA: Schema = {
     "train.ema_decay": ((float,), _prob, "in [0, 1)"),
     "train.log_every": ((int,), _pos, "> 0"),
     "train.sample_every": ((int,), _nonneg, ">= 0 (0 = never)"),
+    # FD and memorisation of a few samples every this many steps (the QualityProbe hook).
+    "train.eval_every": ((int,), _nonneg, ">= 0 (0 = never)"),
+    "train.eval_num_samples": ((int,), lambda v: v >= 10, ">= 10"),
     "train.checkpoint_every": ((int,), _pos, "> 0"),
     "train.keep_checkpoints": ((int,), _pos, "> 0"),
     "train.max_nonfinite_steps": ((int,), _pos, "> 0"),

@@ -77,16 +77,24 @@ def _new_figure(size: tuple[float, float], dpi: int):
 
 
 def training_curves_png(records: Sequence[Mapping[str, float]]) -> bytes:
-  """Loss and throughput against step, side by side, from `TrainingCurves` records.
+  """Loss and throughput against step, side by side, from `TrainingCurves` records; and when
+  the run probed its samples (the QualityProbe hook), their FD and memorisation too.
 
-  Each record holds `step` and any of `loss`, `images_per_second`. The first throughput point
-  includes compiling the step, so it sits low; the title gives the median of the others.
+  Each record holds `step` and any of `loss`, `images_per_second`, `probe_frechet_distance`,
+  `probe_memorization`. The first throughput point includes compiling the step, so it sits
+  low; the title gives the median of the others.
   """
-  fig = _new_figure(CURVES_SIZE, CURVES_DPI)
-  loss_ax, speed_ax = fig.subplots(1, 2)
-  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.2)
-  for ax, key, title in ((loss_ax, "loss", "training loss"),
-                         (speed_ax, "images_per_second", "throughput (images/s)")):
+  probed = any("probe_frechet_distance" in r for r in records)
+  panels = [("loss", "training loss"), ("images_per_second", "throughput (images/s)")]
+  if probed:
+    panels += [("probe_frechet_distance", "samples: Fréchet distance"),
+               ("probe_memorization", "samples: memorisation")]
+  size = CURVES_SIZE if not probed else (CURVES_SIZE[0] * 2, CURVES_SIZE[1])
+  fig = _new_figure(size, CURVES_DPI)
+  axes = fig.subplots(1, len(panels))
+  fig.subplots_adjust(left=0.07 if not probed else 0.04, right=0.98, bottom=0.14, top=0.9,
+                      wspace=0.2 if not probed else 0.25)
+  for ax, (key, title) in zip(axes, panels):
     points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
     if points:
       steps, values = zip(*points)

@@ -7,6 +7,8 @@ After every step the loop (arjax/training/loop.py) calls, in order, each hook th
     Logging       every step       the progress bar; at log steps TensorBoard, train_metrics.jsonl
                                    and train_curves.png
     SampleGrid    sample_every     a class grid of EMA samples in workdir/samples
+    QualityProbe  eval_every       FD and memorisation of a few EMA samples, logged with the
+                                   curves: when a run starts to memorise
     (extra hooks) their own        whatever a caller adds (`train_and_evaluate(extra_hooks=...)`)
     Checkpoint    checkpoint_every also at the last step and when a stop was asked for
 
@@ -57,6 +59,9 @@ class Loop:
     self.started_at = None  # time.perf_counter() when the loop began, set by the loop
     self.stop_reason: Optional[str] = None
     self._host_metrics = None
+    # Figures a hook measured at this step, to TensorBoard and the curves (the Logging hook
+    # sets it; without one they go nowhere).
+    self.log_scalars: Callable[[dict], None] = lambda scalars: None
 
   def advance(self, state, metrics) -> None:
     """Records one more completed step (called by the loop only)."""
@@ -189,12 +194,15 @@ class Logging(Hook):
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(loop.workdir, "tensorboard"))
       self.curves = plots.TrainingCurves(loop.workdir, resume_step=loop.start)
+      loop.log_scalars = self.add_scalars
     self._last_time, self._last_step = None, loop.start  # the rate counts from the loop's start
+    self._step = loop.start
 
   def due(self, loop: Loop) -> bool:
     return True
 
   def __call__(self, loop: Loop) -> None:
+    self._step = loop.step
     if loop.log_due:
       self._log(loop)
     loop.bar.update(1)
@@ -215,6 +223,15 @@ class Logging(Hook):
       self.curves.add(done, {**metrics, "images_per_second": images_per_s})
       if loop.checkpoint_due or self.curves.due():  # always with a checkpoint and at the end
         self.curves.draw()
+
+  def add_scalars(self, scalars: dict) -> None:
+    """Other hooks' figures for this step (process 0): TensorBoard and the curves."""
+    if self.writer is None:
+      return
+    for k, v in scalars.items():
+      self.writer.add_scalar(f"train/{k}", float(v), self._step)
+    self.curves.add(self._step, scalars)
+    self.curves.draw()
 
   def close(self, loop: Loop) -> None:
     if self.writer is not None:
@@ -253,6 +270,56 @@ class SampleGrid(Hook):
       loop.bar.write(f"step {loop.step}: sample grid {path}")
 
 
+class QualityProbe(Hook):
+  """Every config.train.eval_every steps (and at the last), `eval`'s Fréchet distance and
+  memorisation of config.train.eval_num_samples EMA samples (classes in turn, the config's
+  sampling settings), logged as probe_frechet_distance / probe_memorization with the other
+  curves (train_metrics.jsonl, train_curves.png, TensorBoard).
+
+  The numbers are `arjax.evaluation.metrics`' on fewer samples than `eval`'s 1000: FD is
+  biased upwards by ~1/N, so read the curve's shape (where FD stops falling while memorisation
+  keeps rising), and `eval` for the figure. The classifier is `eval`'s cached one.
+  """
+
+  def __init__(self, loop: Loop):
+    c = loop.config
+    self.every = c.train.eval_every
+    if not self.every:
+      return
+    from arjax.evaluation import feature_classifier, metrics  # pylint: disable=import-outside-toplevel
+    self.metrics = metrics
+    d = c.data
+    pipeline.prepare(d.name, d.data_dir)
+    self.train_images, train_labels = pipeline.load_split(d, d.train_split)
+    eval_images, eval_labels = pipeline.load_split(d, d.eval_split)
+    self.classifier = feature_classifier.load_or_train(
+        pipeline.default_data_dir(d.data_dir), self.train_images, train_labels, name=d.name)
+    reference, _ = metrics.split_heldout(eval_labels, seed=c.sample.seed)
+    self.reference_feats = self.classifier.features(eval_images[reference])
+    self.labels = np.arange(c.train.eval_num_samples) % d.num_classes
+    self.sampler = loop.exp.sampler()
+
+  def due(self, loop: Loop) -> bool:
+    return bool(self.every) and (super().due(loop) or loop.at_end)
+
+  def __call__(self, loop: Loop) -> None:
+    s = loop.config.sample
+    images = self.sampler(loop.state.ema_params, self.labels, jax.random.PRNGKey(s.seed),
+                          cfg_scale=s.cfg_scale, cfg_schedule_name=s.cfg_schedule,
+                          temperature=s.temperature)
+    images = pipeline.denormalize(sharding.to_host(images))
+    if not loop.is_chief:
+      return
+    m = self.metrics
+    fd = m.size_matched_mean(m.frechet_distance, self.classifier.features(images),
+                             self.reference_feats, num_subsets=5, seed=s.seed)
+    scores = {"probe_frechet_distance": float(fd),
+              "probe_memorization": m.memorization(images, self.train_images)}
+    loop.log_scalars(scores)
+    loop.bar.write(f"step {loop.step}: {len(images)} samples: FD {fd:.2f}, memorisation "
+                   f"{scores['probe_memorization']:.3f}")
+
+
 class Checkpoint(Hook):
   """Saves the state and the data position every config.train.checkpoint_every steps, at the
   loop's last step and at a step where a stop was asked for; on close, waits for the last save
@@ -277,4 +344,5 @@ class Checkpoint(Hook):
 def standard(loop: Loop, notice, extra=()) -> list:
   """The loop's hooks in the order they run after a step; `extra` ones run before the
   checkpoint, so that a stop they ask for is saved."""
-  return [Preemption(notice), NonFinite(), Logging(loop), SampleGrid(loop), *extra, Checkpoint()]
+  return [Preemption(notice), NonFinite(), Logging(loop), SampleGrid(loop), QualityProbe(loop),
+          *extra, Checkpoint()]
