@@ -93,8 +93,12 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(shape):
 
 
 def test_resume_continues_bit_for_bit(tmp_path, data_dir):
+  """With dropout and translated images too: their draws come from the step's key and the
+  data stream's seed, both in the checkpoint."""
   config = smoke_config()
   config.data.data_dir = data_dir
+  config.model.attention_dropout = config.model.dropout = config.head.dropout = 0.1
+  config.data.random_translate = 1
   config.train.num_steps = 4
   config.train.checkpoint_every = 2
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
