@@ -30,7 +30,7 @@ def config_for(data_dir):
   config.train.log_every = 4
   config.train.sample_every = 4
   config.train.eval_every = 5
-  config.train.eval_num_samples = 20
+  config.train.eval_num_samples = 100  # the sample grid's shape: its compiled program
   config.train.keep_checkpoints = 3
   return config
 
@@ -110,7 +110,7 @@ def test_each_hook_runs_at_its_period(straight):
   assert [r["step"] for r in records if "loss" in r] == [3, 4, 6]
   probes = [r for r in records if "probe_frechet_distance" in r]
   assert [r["step"] for r in probes] == [5, 6]
-  for r in probes:  # eval's own metrics on the 20 samples: an untrained model's are poor
+  for r in probes:  # eval's own metrics on the 100 samples: an untrained model's are poor
     assert r["probe_frechet_distance"] > 0 and 0 <= r["probe_memorization"] <= 1
 
 

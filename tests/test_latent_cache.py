@@ -84,7 +84,7 @@ def test_latent_batches_give_the_tokens_of_the_image_batches(cached):
   config, tok = cached.config, cached.tok
   kwargs = dict(global_batch_size=16, seed=config.data.shuffle_seed)
   draws = [pipeline.element_stream(40, config.data, **kwargs)[k] for k in range(48)]
-  assert 0 < sum(flip for _, flip in draws) < 48
+  assert 0 < sum(flip for _, flip, _ in draws) < 48
 
   from_images = pipeline.make_train_iterator(config.data, **kwargs)
   from_latents = latents.make_train_iterator(config, tok, **kwargs)

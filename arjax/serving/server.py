@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from arjax.training import checkpoint
-from arjax.families.causal import sampler as sampling
+from arjax.sampling import base as sampling
 from arjax.parallel import sharding
 from arjax.data import pipeline
 from arjax.util.image_grid import make_grid
