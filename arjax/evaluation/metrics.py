@@ -387,20 +387,30 @@ def per_class_gaussian_samples(train_images: np.ndarray,
   moments and nothing else.
   """
   rng = np.random.default_rng(seed)
+  # SVD-based sampling: the covariance is singular (border pixels are
+  # always 0, and there are more pixels than images for larger sets).
+  draw = lambda members, n: rng.multivariate_normal(
+      members.mean(0), np.cov(members, rowvar=False), size=n, method="svd")
+  return _per_class_draws(train_images, train_labels, labels, draw,
+                          min_members=2, baseline="Gaussian")
+
+
+def _per_class_draws(train_images: np.ndarray, train_labels: np.ndarray,
+                     labels: np.ndarray, draw, *, min_members: int,
+                     baseline: str) -> np.ndarray:
+  """The per-class baselines' common part: for each class in `labels`,
+  `draw(its train images as float pixels [M, D], n) -> [n, D]` for its n
+  entries, rounded and clipped to uint8 images of the train images' shape."""
   shape = train_images.shape[1:]
   flat = train_images.reshape(len(train_images), -1).astype(np.float64)
   out = np.empty((len(labels), flat.shape[1]))
   for c in np.unique(labels):
     members = flat[train_labels == c]
-    if len(members) < 2:
+    if len(members) < min_members:
       raise ValueError(f"train_labels has {len(members)} image(s) of class "
-                       f"{c}; the Gaussian baseline needs >= 2")
+                       f"{c}; the {baseline} baseline needs >= {min_members}")
     where = np.flatnonzero(labels == c)
-    # SVD-based sampling: the covariance is singular (border pixels are
-    # always 0, and there are more pixels than images for larger sets).
-    out[where] = rng.multivariate_normal(members.mean(0),
-                                         np.cov(members, rowvar=False),
-                                         size=len(where), method="svd")
+    out[where] = draw(members, len(where))
   return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(
       (len(labels),) + shape)
 
@@ -430,20 +440,14 @@ def per_class_gmm_samples(train_images: np.ndarray, train_labels: np.ndarray,
   from sklearn.mixture import GaussianMixture  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(seed)
-  shape = train_images.shape[1:]
-  flat = train_images.reshape(len(train_images), -1).astype(np.float64)
-  out = np.empty((len(labels), flat.shape[1]))
-  for c in np.unique(labels):
-    members = flat[train_labels == c]
-    if len(members) < 2 * components:
-      raise ValueError(f"train_labels has {len(members)} image(s) of class {c}; the "
-                       f"{components}-component GMM baseline needs >= {2 * components}")
+
+  def draw(members, n):
     mixture = GaussianMixture(components, covariance_type="full", reg_covar=GMM_REG_COVAR,
                               n_init=2, random_state=int(rng.integers(2**31))).fit(members)
-    where = np.flatnonzero(labels == c)
-    draws, _ = mixture.sample(len(where))
-    out[where] = draws[rng.permutation(len(where))]  # sample() returns them grouped by component
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape((len(labels),) + shape)
+    draws, _ = mixture.sample(n)
+    return draws[rng.permutation(n)]  # sample() returns them grouped by component
+  return _per_class_draws(train_images, train_labels, labels, draw, min_members=2 * components,
+                          baseline=f"{components}-component GMM")
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
 def check_request(labels, *, num_classes: int, cfg_scale, temperature, first_index) -> None:
   """Raises ValueError naming the argument of a sampling request that cannot be honoured.
 
-  Called by both samplers on the host, before tracing: a bad request costs no compilation.
+  Called by `ImageSampler.__call__` (and the demo server) on the host, before tracing: a bad request costs no compilation.
   The null class (`num_classes` in the causal model's class table; MAR's `fake_latent`) is
   not a valid request: it is what the samplers put in the unconditional half of a CFG batch.
   """
@@ -110,6 +110,8 @@ class ImageSampler(abc.ABC):
   def __post_init__(self):
     check_num_steps(self.num_steps, self.head)
     self.head_for_sampling = head_with_solver(self.head, self.solver)
+    self._programs = {}       # guided (bool) -> the jitted program
+    self._activations = None  # (mesh, rules) once `shard_activations` is called
 
   @property
   def num_classes(self) -> int:
@@ -151,15 +153,12 @@ class ImageSampler(abc.ABC):
                   temperature=temperature, first_index=first_index)
     guided = cfg_scale != 1.0  # a ramp to 1 is the constant 1; MAR: `if not cfg == 1.0`
     scales = self.guidance_scales(cfg_scale, cfg_schedule_name)
-    if not hasattr(self, "_programs"):  # subclasses are dataclasses: no __init__ of ours runs
-      self._programs = {}
     programs = self._programs
     if guided not in programs:
       body = functools.partial(self.sample_images, guided=guided)
-      placement = getattr(self, "_activations", None)
-      if placement is not None:  # the batch is known when the program is traced: labels' rows
+      if self._activations is not None:  # the batch is known at trace time: labels' rows
         rows = lambda params, labels, *_: labels.shape[0] * (2 if guided else 1)
-        body = sharding.shard_activations(body, *placement, batch_size=rows)
+        body = sharding.shard_activations(body, *self._activations, batch_size=rows)
       programs[guided] = jax.jit(body)
     labels = jnp.asarray(labels, jnp.int32)
     image_ids = jnp.int32(first_index) + jnp.arange(labels.shape[0], dtype=jnp.int32)

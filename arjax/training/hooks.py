@@ -62,6 +62,14 @@ class Loop:
     # Figures a hook measured at this step, to TensorBoard and the curves (the Logging hook
     # sets it; without one they go nowhere).
     self.log_scalars: Callable[[dict], None] = lambda scalars: None
+    self._sampler = None
+
+  def sampler(self):
+    """The experiment's sampler, one for every hook that samples: they share its compiled
+    programs (the grid and the quality probe draw the same shapes by default)."""
+    if self._sampler is None:
+      self._sampler = self.exp.sampler()
+    return self._sampler
 
   def advance(self, state, metrics) -> None:
     """Records one more completed step (called by the loop only)."""
@@ -259,7 +267,7 @@ class SampleGrid(Hook):
 
   def __init__(self, loop: Loop):
     self.every = loop.config.train.sample_every
-    self.sampler = loop.exp.sampler() if self.every else None
+    self.sampler = loop.sampler() if self.every else None
 
   def due(self, loop: Loop) -> bool:
     return bool(self.every) and (super().due(loop) or loop.step == loop.config.train.num_steps)
@@ -297,7 +305,7 @@ class QualityProbe(Hook):
     reference, _ = metrics.split_heldout(eval_labels, seed=c.sample.seed)
     self.reference_feats = self.classifier.features(eval_images[reference])
     self.labels = np.arange(c.train.eval_num_samples) % d.num_classes
-    self.sampler = loop.exp.sampler()
+    self.sampler = loop.sampler()
 
   def due(self, loop: Loop) -> bool:
     return bool(self.every) and (super().due(loop) or loop.at_end)
