@@ -100,16 +100,19 @@ def layer_norm(*, dtype: Dtype, eps: float = 1e-6, affine: bool = True,
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
+  """Root-mean-square norm, computed in float32 whatever the compute dtype. `use_scale=False`:
+  no parameter at all (xAR's AdaLN blocks, where the modulation does the scaling)."""
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", ones_init(("norm",)), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-    return (x32 * scale).astype(self.dtype)
+    if self.use_scale:
+      x32 = x32 * self.param("scale", ones_init(("norm",)), (x.shape[-1],), jnp.float32)
+    return x32.astype(self.dtype)
 
 
 # The rng collection dropout draws from. A loss passes it (`rngs={DROPOUT_RNG: key}`) and

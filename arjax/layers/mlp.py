@@ -1,4 +1,5 @@
-"""The transformer blocks' MLPs: SwiGLU (the causal family) and timm's GELU MLP (MAR's ViT).
+"""The transformer blocks' MLPs: SwiGLU (the causal family), timm's GELU MLP (MAR's ViT) and
+GEGLU (xAR's blocks).
 
 The hidden activations carry the logical axes ('batch', 'length', 'mlp'), so the rules table
 splits them as it splits the kernels (over 'tensor' in the default table).
@@ -45,3 +46,19 @@ class GeluMlp(nn.Module):
     h = dense_lib.dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
     h = nn.gelu(dense_lib.constrain(h, HIDDEN_AXES), approximate=False)
     return dense_lib.dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class GeGLU(nn.Module):
+  """fc2(GELU(fc1_g(x)) * fc1_x(x)), GELU the exact erf form: what xAR builds as timm's
+  `SwiGLU(act_layer=nn.GELU)` (so a GELU gate, not SiLU). timm's parameter names, so official
+  weights map one to one; the hidden width is the caller's (xAR: int(2/3 * ratio * width),
+  truncated, not rounded up as `swiglu_hidden` does)."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda feats, axes, name: dense_lib.dense(feats, axes, dtype=self.dtype, name=name)
+    gate = dense_lib.constrain(dense(self.hidden, ("embed", "mlp"), "fc1_g")(x), HIDDEN_AXES)
+    value = dense_lib.constrain(dense(self.hidden, ("embed", "mlp"), "fc1_x")(x), HIDDEN_AXES)
+    return dense(x.shape[-1], ("mlp", "embed"), "fc2")(nn.gelu(gate, approximate=False) * value)
