@@ -1,0 +1,177 @@
+"""xAR's sampler: entity by entity, each one integrated from noise by the whole network.
+
+One jitted program: a `lax.scan` over the E entities carries the KV cache of the finished
+(clean) entities; inside, a `lax.scan` over the steps of one entity integrates dx/dt = v from
+t = 1 to 0 with the network called on that entity alone (its keys/values are written into a
+copy of the cache that is dropped, so the cache holds clean entities only). When the entity is
+done, its tokens are run once more at t = 0 to commit their keys and values: the numbers of
+the official `sample_inference`, whose first call of entity s re-encodes [z_{s-1} clean at
+t = 0 | x_s] (block-causal, z_{s-1}'s rows never see x_s, so the two are the same sums).
+
+Solvers (`sample.solver`):
+  'euler', 'heun'    the ODE on t = linspace(1, 0, num_steps + 1) (Heun: 2 calls per step)
+  'euler_maruyama'   the official SDE sampler (models/sampler.py): t = linspace(1, 0.04,
+                     num_steps) then 0; with diffusion w = 2t the drift of the linear path is
+                     d = (2 - t) v + x, and x <- x + d dt + sqrt(2t) eps sqrt(|dt|), the last
+                     step (to t = 0) the mean alone: num_steps calls, num_steps - 1 draws.
+
+CFG acts on the velocity, v_u + w (v_c - v_u), the batch doubled with the null class (on the
+SDE's drift that is the official `d_u + w (d_c - d_u)`, since d is affine in v with the same
+x). Its scale per entity (`entity_scales`): 'linear' is the official ramp
+w_s = 1 + (cfg - 1) s / (E - 1), so entity 0 is never guided and the last gets cfg;
+'constant' is cfg for all. Guidance applies while t lies in `cfg_interval`. Temperature scales
+the initial noise and the SDE's noise.
+
+Per-image seeds: image b's draws come from `image_keys(rng, image_ids)[b]`, entity s and draw
+i from fold_in(fold_in(key, s), i) (i = 0 the initial noise, i >= 1 step i - 1's noise), so an
+image does not depend on the batch it is drawn in. The integration itself takes its draws from
+a function (`draw(s, i)`), so the golden test replays the official draws through the same code.
+
+Generalised where the official code is not: any grid, entity layout, step count (>= 1) and
+batch size.
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.families.xar.model import XarModel, to_raster
+from arjax.sampling.base import ImageSampler, image_keys
+
+SOLVERS = ("euler", "heun", "euler_maruyama")
+# The official SDE grid stops its noisy steps at t = 0.04, then takes one mean step to 0.
+EM_LAST_T = 0.04
+
+
+def time_grid(solver: str, num_steps: int) -> np.ndarray:
+  """The float64 times t_0 = 1 > ... > t_K = 0 of one entity's integration."""
+  if solver not in SOLVERS:
+    raise ValueError(f"solver={solver!r}; known: {SOLVERS}")
+  if solver == "euler_maruyama":
+    return np.concatenate([np.linspace(1.0, EM_LAST_T, num_steps), [0.0]])
+  return np.linspace(1.0, 0.0, num_steps + 1)
+
+
+def entity_scales(cfg_scale: float, schedule: str, num_entities: int) -> np.ndarray:
+  """CFG scale per entity [E] (see the module docstring)."""
+  if schedule == "constant" or num_entities == 1:
+    return np.full((num_entities,), cfg_scale, np.float32)
+  if schedule == "linear":
+    return (1.0 + (cfg_scale - 1.0) * np.arange(num_entities) / (num_entities - 1)).astype(
+        np.float32)
+  raise ValueError(f"cfg_schedule={schedule!r}; known: 'constant', 'linear'")
+
+
+def entity_draws(keys, entity_size: int, token_dim: int) -> Callable:
+  """draw(s, i) -> [B, size, D] standard normals from per-image keys [B] (module docstring)."""
+  def draw(s, i):
+    one = lambda key: jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(key, s), i), (entity_size, token_dim))
+    return jax.vmap(one)(keys)
+  return draw
+
+
+def sample_tokens(params, labels, draw, scales, temperature, *, model: XarModel, solver: str,
+                  num_steps: int, guided: bool, cfg_interval=(0.0, 1.0),
+                  value_range=None, trace: bool = False):
+  """labels [B] -> tokens [B, L, D] in raster order (and, with `trace`, the per-entity record
+  {'v': [E, calls, rows, size, D] raw velocities (rows: [labels; null] when guided),
+  'x': [E, steps, B, size, D] the state after each step}).
+
+  `scales` [E]: CFG per entity; `draw(s, i)` the noise (see the module docstring).
+  """
+  backbone = model.backbone
+  layout = backbone.layout
+  size, num_entities, dim = layout.size, layout.num_entities, backbone.token_dim
+  batch = labels.shape[0]
+  null = jnp.full_like(labels, backbone.num_classes)
+  row_labels = jnp.concatenate([labels, null]) if guided else labels
+  rows = row_labels.shape[0]
+  grid = time_grid(solver, num_steps)
+  t_cur = jnp.asarray(grid[:-1], jnp.float32)
+  t_next = jnp.asarray(grid[1:], jnp.float32)
+  dt = jnp.asarray(np.diff(grid), jnp.float32)
+  # SDE noise scale sqrt(2t) sqrt(|dt|) in float64 on the host; 0 at the last (mean) step.
+  noise_scale = np.sqrt(2.0 * grid[:-1]) * np.sqrt(np.abs(np.diff(grid)))
+  noise_scale[-1] = 0.0
+  noise_scale = jnp.asarray(noise_scale, jnp.float32)
+  lo, hi = cfg_interval
+
+  def network(x, t, cache, index):
+    inp = jnp.concatenate([x, x]) if guided else x
+    times = jnp.full((rows, 1), t, jnp.float32)
+    v, _ = model.apply({"params": params}, inp, row_labels, times, cache, index,
+                       method=XarModel.velocity)
+    return v
+
+  def guide(v, t, scale):
+    if not guided:
+      return v
+    cond, uncond = v[:batch], v[batch:]
+    scale = jnp.where((t >= lo) & (t <= hi), scale, 1.0)
+    return uncond + scale * (cond - uncond)
+
+  def entity(cache, s):
+    index = s * size
+    scale = scales[s]
+    x0 = temperature * draw(s, 0)
+
+    def step(x, i):
+      t = t_cur[i]
+      v_raw = network(x, t, cache, index)
+      v = guide(v_raw, t, scale)
+      if solver == "euler_maruyama":
+        drift = (2.0 - t) * v + x
+        eps = draw(s, i + 1)
+        x_new = x + drift * dt[i] + noise_scale[i] * temperature * eps
+      elif solver == "euler":
+        x_new = x + dt[i] * v
+      else:  # heun
+        x_euler = x + dt[i] * v
+        v2 = guide(network(x_euler, t_next[i], cache, index), t_next[i], scale)
+        x_new = x + 0.5 * dt[i] * (v + v2)
+      return x_new, ((v_raw, x_new) if trace else None)
+
+    z, record = jax.lax.scan(step, x0, jnp.arange(num_steps))
+    if value_range is not None:
+      z = jnp.clip(z, *value_range)
+
+    def commit(cache):  # the finished entity, clean at t = 0, into the cache
+      inp = jnp.concatenate([z, z]) if guided else z
+      _, cache = model.apply({"params": params}, inp, row_labels, jnp.zeros((rows, 1)), cache,
+                             index, method=XarModel.velocity)
+      return cache
+    cache = jax.lax.cond(s < num_entities - 1, commit, lambda c: c, cache)
+    return cache, (z, record)
+
+  cache = backbone.init_cache(rows)
+  _, (entities, record) = jax.lax.scan(entity, cache, jnp.arange(num_entities))
+  tokens = to_raster(jnp.moveaxis(entities, 0, 1).reshape(batch, num_entities * size, dim),
+                     layout)
+  if trace:
+    return tokens, {"v": record[0], "x": record[1]}
+  return tokens
+
+
+@dataclasses.dataclass
+class XarSampler(ImageSampler):
+  """The family's `ImageSampler` (see the module docstring); `head` is None (no head)."""
+
+  def __post_init__(self):
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver={self.solver!r}; known: {SOLVERS}")
+    super().__post_init__()
+
+  def guidance_scales(self, cfg_scale, cfg_schedule_name):
+    return entity_scales(cfg_scale, cfg_schedule_name, self.model.backbone.layout.num_entities)
+
+  def sample_images(self, params, labels, rng, scales, temperature, image_ids, *, guided):
+    backbone = self.model.backbone
+    draw = entity_draws(image_keys(rng, image_ids), backbone.layout.size, backbone.token_dim)
+    tokens = sample_tokens(params, labels, draw, scales, temperature, model=self.model,
+                           solver=self.solver, num_steps=self.num_steps, guided=guided,
+                           cfg_interval=tuple(self.cfg_interval), value_range=self.value_range)
+    return self.tokenizer.decode(tokens)
+
