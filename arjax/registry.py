@@ -25,9 +25,11 @@ from arjax.errors import ConfigError
 from arjax.families.base import Family, compute_dtype
 from arjax.families.causal.family import CausalFamily
 from arjax.families.masked.family import MaskedFamily
+from arjax.families.xar.family import XarFamily
 from arjax.heads.base import Head
 from arjax.heads.diffusion import MarDiffusionHead
 from arjax.heads.flow import FlowHead
+from arjax.heads.none import NoHead
 from arjax.tokenizers.base import TokenizerKind
 from arjax.tokenizers.kl_vae import KLVAEKind
 from arjax.tokenizers.patchify import PatchifyKind
@@ -36,11 +38,13 @@ from arjax.weights.converter import Converter
 FAMILIES: Dict[str, Family] = {
     "causal": CausalFamily(),   # raster order, KV cache (arjax/families/causal)
     "mar": MaskedFamily(),      # MAR's masked random order (arjax/families/masked)
+    "xar": XarFamily(),         # next-X entities, noisy context, no head (arjax/families/xar)
 }
 
 HEADS: Dict[str, Head] = {
     "flow": FlowHead(),                   # flow matching, ODE sampler (arjax/heads/flow.py)
     "mar_diffusion": MarDiffusionHead(),  # MAR's DiffLoss, DDPM (arjax/heads/diffusion.py)
+    "none": NoHead(),                     # the backbone is the whole model (arjax/heads/none.py)
 }
 
 TOKENIZERS: Dict[str, TokenizerKind] = {

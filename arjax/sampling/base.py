@@ -85,8 +85,8 @@ def image_keys(rng, image_ids):
 
 def head_with_solver(head, solver: str):
   """The head with `sample.solver` applied where it has one (the flow head's ODE solver;
-  the DDPM head's steps are fixed by its schedule)."""
-  if any(f.name == "solver" for f in dataclasses.fields(head)):
+  the DDPM head's steps are fixed by its schedule; a family without a head passes None)."""
+  if dataclasses.is_dataclass(head) and any(f.name == "solver" for f in dataclasses.fields(head)):
     return dataclasses.replace(head, solver=solver)
   return head
 

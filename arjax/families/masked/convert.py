@@ -252,6 +252,10 @@ class MarConverter(converter.FamilyConverter):
 
   def detect(self, ckpt):
     names = converter.parameter_names(ckpt)
+    # MAR's ViT blocks have no AdaLN modulation: a file with `ada_lin` layers shares MAR's
+    # z_proj name but is another model (xAR's).
+    if any(".ada_lin." in n for n in names):
+      return False
     return self.evidence in names or any(n.startswith("diffloss.") for n in names)
 
   def state_dicts(self, ckpt, log):

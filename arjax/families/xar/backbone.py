@@ -107,7 +107,7 @@ class TimeEmbedding(nn.Module):
     shape = steps.shape
     freqs = adaln.timestep_embedding(steps, TIME_FREQUENCIES).astype(self.dtype)
     h = dense_lib.dense(self.width, ("time", "embed"), dtype=self.dtype, name="mlp_0")(freqs)
-    h = dense_lib.dense(self.width, ("embed", "embed_out"), dtype=self.dtype, name="mlp_2")(
+    h = dense_lib.dense(self.width, ("mlp_out", "embed"), dtype=self.dtype, name="mlp_2")(
         nn.silu(h))
     return h.reshape(shape + (self.width,))
 
@@ -200,7 +200,7 @@ class XarBackbone(nn.Module):
     h = dense_lib.RMSNorm(dtype=self.dtype, name="encoder_norm")(h)
     self.sow("intermediates", "encoder", h)
 
-    h = dense_lib.dense(width, ("embed", "embed_out"), dtype=self.dtype, name="decoder_embed")(h)
+    h = dense_lib.dense(width, ("mlp_out", "embed"), dtype=self.dtype, name="decoder_embed")(h)
     h = h + rows(self.param("decoder_pos_embed_learned", pos_init, (self.seq_len, width)))
     self.sow("intermediates", "dec_in", h)
     h, dec_cache = self._run(self._stack("decoder_blocks", self.decoder_depth, self.decoder_heads),

@@ -1,0 +1,27 @@
+"""`head.name='none'`: no per-token head, for families whose backbone is the whole token model.
+
+xAR's Transformer is itself the flow model: it takes the noisy entities and the time and
+outputs a velocity per token, so there is no small network on top of a z. Such a family
+selects this head; its `build` gives (None, None) (the family's model holds no 'head'
+subtree), it costs nothing, and the sampler's network calls per token are the family's
+`sample.num_steps` (Heun: twice). The shared `head.*` fields (width, depth, batch_mul,
+dropout) are still part of every config's schema; with this head nothing reads them.
+"""
+from arjax.heads import base
+
+
+class NoHead(base.Head):
+  name = "none"
+  schema = {}
+  uses_solver = True
+
+  def build(self, config, *, token_dim: int, cond_width: int, dtype) -> tuple:
+    return None, None
+
+  def evaluations_per_token(self, config) -> int:
+    s = config.sample
+    return s.num_steps * (2 if s.solver == "heun" else 1)
+
+  def flops(self, config, *, token_dim: int, cond_width: int, mode: str, tokens: int,
+            calls: int = 1) -> int:
+    return 0
