@@ -124,9 +124,10 @@ class XarFamily(base.Family):
     """train: one block-causal forward over all L tokens (every query against all L keys, as
       computed), backward 2x (z_proj's input is data: 1x).
     sample: per entity, num_steps calls (Heun 2x) of `size` tokens against the full-length
-      cache, and one commit call; rows doubled under CFG."""
-    if mode not in ("train", "sample"):
-      raise ValueError(f"mode={mode!r}: the xar family counts 'train' and 'sample'")
+      cache, and one commit call; rows doubled under CFG.
+    decode: one entity of that."""
+    if mode not in ("train", "sample", "decode"):
+      raise ValueError(f"mode={mode!r}: the xar family counts 'train', 'sample' and 'decode'")
     layout = layout_from_config(config, tokenizer)
     d, length = tokenizer.token_dim, tokenizer.num_tokens
     if mode == "train":
@@ -138,8 +139,37 @@ class XarFamily(base.Family):
       rows = batch_size * (2 if s.cfg_scale != 1.0 else 1)
       calls = s.num_steps * (2 if s.solver == "heun" else 1) + 1
       per_call = forward_flops(config, d, rows, layout.size, length, 1)
-      backbone = layout.num_entities * calls * per_call
+      backbone = (1 if mode == "decode" else layout.num_entities) * calls * per_call
     return {"backbone": int(backbone), "head": 0, "total": int(backbone)}
+
+  def decode_step(self, exp, batch_size):
+    """One entity of the sampler (its num_steps network calls against the KV cache of the
+    entities before it, then its commit): `entity_step`, the body of the sampler's scan. The
+    entity index is an argument, so one compilation serves every entity; the cache has its
+    full static length for each (masked attention over all of it)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from arjax.sampling.base import image_keys  # pylint: disable=import-outside-toplevel
+    from arjax.families.xar.sampler import entity_draws, entity_scales, entity_step  # pylint: disable=import-outside-toplevel
+    config, model = exp.config, exp.model
+    s = config.sample
+    layout = model.backbone.layout
+    guided = s.cfg_scale != 1.0
+    labels = jnp.arange(batch_size, dtype=jnp.int32) % config.data.num_classes
+    draw = entity_draws(image_keys(jax.random.PRNGKey(s.seed), jnp.arange(batch_size)),
+                        layout.size, model.backbone.token_dim)
+    scales = jnp.asarray(entity_scales(s.cfg_scale, s.cfg_schedule, layout.num_entities))
+    rows = batch_size * (2 if guided else 1)
+
+    def one_entity(params, cache, s_index):
+      _, step = entity_step(params, labels, draw, scales, s.temperature, model=model,
+                            solver=s.solver, num_steps=s.num_steps, guided=guided,
+                            cfg_interval=tuple(s.cfg_interval),
+                            value_range=exp.tokenizer.value_range)
+      return step(cache, s_index)[0]
+
+    e = layout.num_entities
+    return (lambda params: model.backbone.init_cache(rows)), one_entity, (0, e // 2, e - 1)
 
   def stack_depths(self, config):
     return (("model", "encoder_depth"), ("model", "decoder_depth"))

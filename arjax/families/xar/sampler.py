@@ -73,18 +73,15 @@ def entity_draws(keys, entity_size: int, token_dim: int) -> Callable:
   return draw
 
 
-def sample_tokens(params, labels, draw, scales, temperature, *, model: XarModel, solver: str,
-                  num_steps: int, guided: bool, cfg_interval=(0.0, 1.0),
-                  value_range=None, trace: bool = False):
-  """labels [B] -> tokens [B, L, D] in raster order (and, with `trace`, the per-entity record
-  {'v': [E, calls, rows, size, D] raw velocities (rows: [labels; null] when guided),
-  'x': [E, steps, B, size, D] the state after each step}).
-
-  `scales` [E]: CFG per entity; `draw(s, i)` the noise (see the module docstring).
-  """
+def entity_step(params, labels, draw, scales, temperature, *, model: XarModel, solver: str,
+                num_steps: int, guided: bool, cfg_interval=(0.0, 1.0), value_range=None,
+                trace: bool = False):
+  """(rows, step): `step(cache, s) -> (cache, (z_s [B, size, D], record))` samples entity s
+  against the cache of the entities before it and commits it (the body of the sampler's scan,
+  and what `bench --mode=decode` times alone); `rows` is the cache's batch (2B when guided).
+  Arguments as `sample_tokens`'s."""
   backbone = model.backbone
-  layout = backbone.layout
-  size, num_entities, dim = layout.size, layout.num_entities, backbone.token_dim
+  size, num_entities = backbone.layout.size, backbone.layout.num_entities
   batch = labels.shape[0]
   null = jnp.full_like(labels, backbone.num_classes)
   row_labels = jnp.concatenate([labels, null]) if guided else labels
@@ -146,10 +143,28 @@ def sample_tokens(params, labels, draw, scales, temperature, *, model: XarModel,
     cache = jax.lax.cond(s < num_entities - 1, commit, lambda c: c, cache)
     return cache, (z, record)
 
-  cache = backbone.init_cache(rows)
-  _, (entities, record) = jax.lax.scan(entity, cache, jnp.arange(num_entities))
-  tokens = to_raster(jnp.moveaxis(entities, 0, 1).reshape(batch, num_entities * size, dim),
-                     layout)
+  return rows, entity
+
+
+def sample_tokens(params, labels, draw, scales, temperature, *, model: XarModel, solver: str,
+                  num_steps: int, guided: bool, cfg_interval=(0.0, 1.0),
+                  value_range=None, trace: bool = False):
+  """labels [B] -> tokens [B, L, D] in raster order (and, with `trace`, the per-entity record
+  {'v': [E, calls, rows, size, D] raw velocities (rows: [labels; null] when guided),
+  'x': [E, steps, B, size, D] the state after each step}).
+
+  `scales` [E]: CFG per entity; `draw(s, i)` the noise (see the module docstring).
+  """
+  backbone = model.backbone
+  layout = backbone.layout
+  rows, entity = entity_step(
+      params, labels, draw, scales, temperature, model=model, solver=solver,
+      num_steps=num_steps, guided=guided, cfg_interval=cfg_interval, value_range=value_range,
+      trace=trace)
+  _, (entities, record) = jax.lax.scan(entity, backbone.init_cache(rows),
+                                       jnp.arange(layout.num_entities))
+  batch = labels.shape[0]
+  tokens = to_raster(jnp.moveaxis(entities, 0, 1).reshape(batch, layout.num_tokens, -1), layout)
   if trace:
     return tokens, {"v": record[0], "x": record[1]}
   return tokens
