@@ -265,3 +265,44 @@ def test_golden_xar(path):
               key=lambda kv: kv[1], default=None)
   print(f"{path.name}: {len(g.errors)} comparisons, worst {worst}")
   assert not g.failures, g.report()
+
+
+# A golden test that cannot fail proves nothing: perturb one key of each section (the first
+# key matching each pattern) and add a key no check knows; the file must fail naming each.
+_PERTURBED = ("out/const/seq_to_raster", "out/const/rope_enc_sin", "out/emb/t_freq",
+              "out/emb/em_grid_n*_t_int", "out/train/velocity", "out/train/enc_block*_ada",
+              "out/si/e*/v_next", "out/si/cache/*", "out/sample_cfg/e*/x",
+              "out/sample_nocfg/tokens")
+_UNKNOWN = "out/an_output_no_check_knows"
+
+
+def _perturbed(golden):
+  """One entry moved: by 1e-2 of max|golden| (floats), by one (integers), flipped (bools)."""
+  golden = golden.copy()
+  flat = golden.reshape(-1)
+  i = flat.size // 2
+  if golden.dtype == bool:
+    flat[i] = ~flat[i]
+  elif golden.dtype.kind in "iu":
+    flat[i] += 1
+  else:
+    flat[i] += 1e-2 * np.abs(golden).max()
+  return golden
+
+
+@pytest.mark.parametrize("path", _cases())
+def test_a_tampered_golden_file_fails_naming_every_tampered_key(path, tmp_path):
+  import fnmatch
+  arrays = XarGolden(path).arrays
+  perturbed = sorted({next(iter(fnmatch.filter(sorted(arrays), p)), None)
+                      for p in _PERTURBED} - {None})
+  tampered = {k: _perturbed(v) if k in perturbed else v for k, v in arrays.items()}
+  tampered[_UNKNOWN] = np.zeros(3, np.float32)
+  np.savez(tmp_path / path.name, **tampered)
+  readme = path.parent / "README_xar.md"
+  if readme.is_file():  # the same tolerances
+    (tmp_path / readme.name).symlink_to(readme)
+  report = check_golden_file(tmp_path / path.name).report()
+  for key in perturbed + [_UNKNOWN]:
+    assert re.search(rf"^{re.escape(key)}:", report, re.M), (
+        f"tampering with {key} went unnoticed:\n{report}")
