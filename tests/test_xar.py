@@ -189,3 +189,22 @@ def test_2d_rope_needs_a_head_dim_divisible_by_4():
   config.model.width, config.model.encoder_heads, config.model.decoder_heads = 36, 2, 2
   with pytest.raises(ConfigError, match="divisible by 4"):
     registry.validate(config)
+
+
+def test_resume_continues_bit_for_bit(tmp_path, data_dir):
+  """With dropout: its draws, the entity times, the noise and the label drops all come from
+  the step's key, which the checkpoint holds."""
+  config = xar_config()
+  config.data.data_dir = data_dir
+  config.model.attention_dropout = config.model.dropout = 0.1
+  config.train.num_steps = 4
+  config.train.checkpoint_every = 2
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  first_half = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=2)
+  assert int(first_half.step) == 2
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(jax.tree.leaves(first_half.params)[0]),
+                            np.asarray(jax.tree.leaves(resumed.params)[0]))
