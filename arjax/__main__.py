@@ -14,7 +14,7 @@ flip with its VAE tokenizer into an ArrayRecord latent cache in --out (default
 config.data.latents); training reads it with --config.data.latents=DIR (see
 `arjax.data.latents`).
 
-    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|vae]
+    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|xar|vae]
 
 imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), or a file of any
 converter a family or tokenizer registers, into DIR; see `arjax.convert.official` and the

@@ -1,7 +1,7 @@
 """Official PyTorch checkpoints -> arjax checkpoints: what `python -m arjax convert` runs.
 
     python -m arjax convert --source=checkpoint-last.pth --out=DIR [--config=configs/X.py]
-    python -m arjax convert --source=kl16.ckpt --out=DIR        (--kind=mar|vae: else detected)
+    python -m arjax convert --source=kl16.ckpt --out=DIR        (--kind=mar|xar|vae: else detected)
 
 This module names no model. The kinds of file it reads are the converters the registered
 families and tokenizer kinds supply (`arjax.registry.converters()`; the interface:
