@@ -208,3 +208,25 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(jax.tree.leaves(first_half.params)[0]),
                             np.asarray(jax.tree.leaves(resumed.params)[0]))
+
+
+def test_scanned_remat_blocks_give_the_unrolled_numbers_and_decode_with_a_stacked_cache():
+  from arjax.layers import transformer as layers
+  layout = EntityLayout("cell", 4, 4, 2)
+  unrolled = small_backbone(layout)
+  params = random_params(unrolled)
+  scanned = small_backbone(layout, scan_layers=True, remat="full")
+  stacked = dict(params)
+  for name, depth in (("encoder_blocks", 2), ("decoder_blocks", 1)):
+    stacked = layers.stack_unrolled_blocks(stacked, name, depth, name)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 3)), jnp.float32)
+  labels, t = jnp.asarray([0, 1]), jnp.full((2, 4), 0.3)
+  full = jax.jit(lambda: unrolled.apply({"params": params}, x, labels, t)[0])()
+  np.testing.assert_allclose(
+      jax.jit(lambda: scanned.apply({"params": stacked}, x, labels, t)[0])(), full,
+      atol=1e-5, rtol=1e-5)
+  cache = scanned.init_cache(2)
+  assert cache["encoder"]["k"].shape == (2, 2, 16, 2, 16)  # (layers, B, L, heads, head dim)
+  first, _ = jax.jit(lambda c: scanned.apply({"params": stacked}, x[:, :4], labels, t[:, :1],
+                                             cache=c, index=0))(cache)
+  np.testing.assert_allclose(first, full[:, :4], atol=1e-5, rtol=1e-5)
