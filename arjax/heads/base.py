@@ -49,6 +49,10 @@ class Head(Plugin, abc.ABC):
     loss, batch_mul draws each) or 'sample' (`evaluations_per_token` evaluations each, in
     `calls` network calls that share one t)."""
 
+  def summary(self, config) -> str:
+    """The head in `describe`'s model line."""
+    return f"head {config.head.name} {config.head.width} x {config.head.depth}"
+
   def describe(self, config) -> Dict[str, Any]:
     """Extra figures for `describe` (optional)."""
     return {}

@@ -22,6 +22,9 @@ class NoHead(base.Head):
     s = config.sample
     return s.num_steps * (2 if s.solver == "heun" else 1)
 
+  def summary(self, config) -> str:
+    return "no per-token head"
+
   def flops(self, config, *, token_dim: int, cond_width: int, mode: str, tokens: int,
             calls: int = 1) -> int:
     return 0

@@ -273,9 +273,8 @@ def describe(config, num_devices: Optional[int] = None) -> dict:
 
 
 def _model_line(config) -> str:
-  m, h = config.model, config.head
-  return (f"{registry.family(config).describe_line(config)}; head {h.name} {h.width} x "
-          f"{h.depth}; compute {m.dtype}")
+  return (f"{registry.family(config).describe_line(config)}; "
+          f"{registry.head(config).summary(config)}; compute {config.model.dtype}")
 
 
 def format_table(config, d: dict, name: Optional[str] = None) -> str:

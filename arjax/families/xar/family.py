@@ -178,7 +178,7 @@ class XarFamily(base.Family):
     m = config.model
     return (f"xar: {m.entity} entities (k={m.entity_k}), width {m.width}, encoder "
             f"{m.encoder_depth} ({m.encoder_heads} heads), decoder {m.decoder_depth} "
-            f"({m.decoder_heads} heads), no head")
+            f"({m.decoder_heads} heads)")
 
   def report_fields(self, config):
     return {"entity": config.model.entity, "entity_k": config.model.entity_k,
