@@ -65,7 +65,7 @@ def test_the_registered_family_gets_its_own_schema():
   del config.model["depth"]
   config.model.family = "toy_bagg"
   with pytest.raises(ConfigError, match=r"config.model.family='toy_bagg': must be one of "
-                                        r"\['causal', 'mar', 'toy_bag'\]"):
+                                        r"\['causal', 'mar', 'toy_bag', 'xar'\]"):
     registry.validate(config)
 
 
