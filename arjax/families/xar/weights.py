@@ -13,7 +13,7 @@ accounted for, and every missing, unexpected and mis-shaped key is named, all in
   * `*_pos_embed_learned` (1, L, W) lose the leading 1 (rows stay in sequence order);
   * the persistent buffers `mask` (1, 1, L, L) and each attention's `attn.rope.freqs`,
     `freqs_cos`, `freqs_sin`: deterministic functions of the entity layout, so they are checked
-    against the layout arjax builds (`official_buffers`) and dropped; a file whose buffers
+    against the layout arjax builds (`official_mask`, `official_rope_tables`) and dropped; a file whose buffers
     differ was made for another layout, and saying so beats sampling garbage.
 """
 import re
@@ -53,19 +53,24 @@ def backbone_from_config(config: Mapping[str, Any], **overrides) -> XarBackbone:
       num_classes=1000, **overrides)
 
 
-def official_buffers(layout: EntityLayout, head_dim: int) -> Dict[str, np.ndarray]:
-  """{'mask', 'freqs', 'freqs_cos', 'freqs_sin'} as xAR builds them for `layout`, float32:
-  the additive block-causal mask (0 / -inf) and VisionRotaryEmbeddingFast's tables (angles
-  [row * f | column * f], each frequency twice, interleaved; rows in sequence order)."""
+def official_mask(layout: EntityLayout) -> np.ndarray:
+  """xAR's `mask` buffer (1, 1, L, L) float32: 0 where a query's entity is at or after the
+  key's (block-causal), -inf elsewhere."""
   ids = np.repeat(np.arange(layout.num_entities), layout.size)
-  mask = np.where(ids[None, :] <= ids[:, None], 0.0, -np.inf).astype(np.float32)[None, None]
+  return np.where(ids[None, :] <= ids[:, None], 0.0, -np.inf).astype(np.float32)[None, None]
+
+
+def official_rope_tables(layout: EntityLayout, head_dim: int) -> Dict[str, np.ndarray]:
+  """{'freqs', 'freqs_cos', 'freqs_sin'} of VisionRotaryEmbeddingFast for `layout`, float32 as
+  xAR builds them: angles [row * f | column * f], each frequency twice (interleaved pairs),
+  rows in sequence order."""
   dim = head_dim // 2
   freqs = (1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / dim))
            ).astype(np.float32)
   grid = layout.grid_positions().astype(np.float32)
   angle = lambda p: np.repeat(p[:, None] * freqs[None], 2, axis=-1)  # f0 f0 f1 f1 ...
   angles = np.concatenate([angle(grid[:, 0]), angle(grid[:, 1])], axis=-1).astype(np.float32)
-  return {"mask": mask, "freqs": freqs, "freqs_cos": np.cos(angles), "freqs_sin": np.sin(angles)}
+  return {"freqs": freqs, "freqs_cos": np.cos(angles), "freqs_sin": np.sin(angles)}
 
 
 def _torch_name(flax_path: Sequence[str]) -> str:
@@ -117,11 +122,11 @@ def _buffer_problems(state_dict, model: XarBackbone):
   wanted = {}
   for part, depth, heads in (("encoder", model.encoder_depth, model.encoder_heads),
                              ("decoder", model.decoder_depth, model.decoder_heads)):
-    tables = official_buffers(model.layout, model.width // heads)
+    tables = official_rope_tables(model.layout, model.width // heads)
     for i in range(depth):
       for name in ("freqs", "freqs_cos", "freqs_sin"):
         wanted[f"{part}_blocks.{i}.attn.rope.{name}"] = tables[name]
-  wanted["mask"] = official_buffers(model.layout, 4)["mask"]
+  wanted["mask"] = official_mask(model.layout)
   problems = []
   for key, value in sorted(wanted.items()):
     if key not in state_dict:
