@@ -46,7 +46,11 @@ EM_LAST_T = 0.04
 
 
 def time_grid(solver: str, num_steps: int) -> np.ndarray:
-  """The float64 times t_0 = 1 > ... > t_K = 0 of one entity's integration."""
+  """The float64 times t_0 = 1 > ... > t_K = 0 of one entity's integration.
+
+  Any num_steps >= 1 runs, but the SDE's steps are coarse: with one, its mean step from t = 1
+  lands on -v, not on the data (the official sampler asks for >= 3); the ODE solvers degrade
+  gracefully."""
   if solver not in SOLVERS:
     raise ValueError(f"solver={solver!r}; known: {SOLVERS}")
   if solver == "euler_maruyama":
