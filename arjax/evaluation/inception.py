@@ -263,7 +263,10 @@ class Logits(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-  """uint8 [N, H, W, 3] images -> {name: [N, dim] float32} for the names in OUTPUTS."""
+  """uint8 [N, H, W, 3] images -> {name: [N, dim] float32} for the names in OUTPUTS.
+
+  `model.apply({'params': params}, images, mutable=['intermediates'])` also returns every
+  stage's output (`stage_outputs` reads them)."""
   precision: Optional[jax.lax.Precision] = jax.lax.Precision.HIGHEST
 
   def _stage(self, name: str, x):
@@ -274,11 +277,20 @@ class FIDInceptionV3(nn.Module):
     return x
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, preprocessed: bool = False):
+    """images: uint8 [N, H, W, 3]; or, with `preprocessed`, float32 [N, 299, 299, 3] that
+    `preprocess` made already (so that batches of several sizes share one compiled network)."""
     p = self.precision
     conv = lambda name, features, kernel, stride=1, padding=(0, 0): BasicConv2d(
         features, (kernel, kernel), stride, padding, p, name=name)
-    x = self._stage("input_299", preprocess(images))
+    if preprocessed:
+      if tuple(images.shape[1:]) != (RESOLUTION, RESOLUTION, 3):
+        raise ValueError(f"preprocessed images must be [N, {RESOLUTION}, {RESOLUTION}, 3], got "
+                         f"{tuple(images.shape)}")
+      x = images
+    else:
+      x = preprocess(images)
+    x = self._stage("input_299", x)
     x = self._stage("Conv2d_1a_3x3", conv("Conv2d_1a_3x3", 32, 3, stride=2)(x))
     x = self._stage("Conv2d_2a_3x3", conv("Conv2d_2a_3x3", 32, 3)(x))
     x = self._stage("Conv2d_2b_3x3", conv("Conv2d_2b_3x3", 64, 3, padding=(1, 1))(x))
@@ -310,6 +322,11 @@ class FIDInceptionV3(nn.Module):
     logits_unbiased, logits = Logits(p, name="fc")(pool3)
     return {"feat_64": feat_64, "feat_192": feat_192, "feat_768": feat_768, "pool3": pool3,
             "logits_unbiased": logits_unbiased, "logits": logits}
+
+
+def stage_outputs(variables) -> Dict[str, jax.Array]:
+  """{stage name: NHWC output} from the mutable 'intermediates' an apply returned."""
+  return dict(variables["intermediates"]["stages"])
 
 
 # -----------------------------------------------------------------------------
