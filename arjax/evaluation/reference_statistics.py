@@ -1,0 +1,101 @@
+"""Reference statistics for FID: the ADM suite's .npz files, and ones arjax computes and caches.
+
+The papers compare against published statistics of the real data:
+
+  VIRTUAL_imagenet256_labeled.npz  (ADM evaluation suite) mu, sigma [2048] / [2048, 2048] of
+                                   the pool3 features of the whole ImageNet train set, mu_s /
+                                   sigma_s (spatial features, for sFID), and arr_0: 10,000
+                                   reference images uint8 [N, 256, 256, 3] for precision/recall
+  adm_in256_stats.npz              (what MAR's torch-fidelity fork reads) mu and sigma only
+
+`load` reads either (and arjax's own `save`d files, the same keys), checking that every array
+is finite and of the right shape, and fails in one line naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from arjax.errors import InputFileError
+from arjax.evaluation import npz_files
+
+WHAT = "reference statistics"
+
+
+@dataclasses.dataclass
+class ReferenceStatistics:
+  path: str
+  mu: Optional[np.ndarray]               # float64 [D]; None when the file holds images only
+  sigma: Optional[np.ndarray]            # float64 [D, D]
+  images: Optional[np.ndarray] = None    # uint8 [N, H, W, 3] (ADM's arr_0), for precision/recall
+  count: Optional[int] = None            # rows the statistics were computed from, if recorded
+
+  @property
+  def dim(self) -> Optional[int]:
+    return None if self.mu is None else int(self.mu.shape[0])
+
+
+def load(path: str, *, dim: Optional[int] = None, need_images: bool = False
+         ) -> ReferenceStatistics:
+  """The statistics (and reference images, if the file has them) of `path`.
+
+  dim: the feature dimension they must have (2048 for Inception pool3); need_images: the
+  reference images (arr_0) are required, for precision/recall. Raises FileNotFoundError or
+  InputFileError naming the file.
+  """
+  arrays = npz_files.read_arrays(path, WHAT, required=(),
+                                 optional=("mu", "sigma", "count") + (("arr_0",) if need_images
+                                                                      else ()))
+  has_stats = "mu" in arrays or "sigma" in arrays
+  if has_stats and not ("mu" in arrays and "sigma" in arrays):
+    lacking = "sigma" if "mu" in arrays else "mu"
+    raise InputFileError(f"{path}: has {'mu' if lacking == 'sigma' else 'sigma'} but no "
+                         f"{lacking!r}: not a complete {WHAT} file")
+  if not has_stats and "arr_0" not in arrays:
+    raise InputFileError(f"{path}: neither 'mu'/'sigma' nor reference images 'arr_0': not a "
+                         f"{WHAT} file (ADM's VIRTUAL_*.npz or a fid_stats file)")
+  mu = sigma = None
+  if has_stats:
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    for name, value in (("mu", mu), ("sigma", sigma)):
+      if not np.issubdtype(value.dtype, np.floating):
+        raise InputFileError(f"{path}: {name!r} must be floating point, got {value.dtype}")
+    if mu.ndim != 1:
+      raise InputFileError(f"{path}: 'mu' must be a vector [D], got shape {mu.shape}")
+    d = mu.shape[0]
+    if sigma.shape != (d, d):
+      raise InputFileError(f"{path}: 'sigma' must be [{d}, {d}] like 'mu' [{d}], got "
+                           f"{sigma.shape}")
+    if dim is not None and d != dim:
+      raise InputFileError(f"{path}: statistics of {d}-d features, but the features here are "
+                           f"{dim}-d (Inception pool3: 2048): a mismatched {WHAT} file")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+      if not np.all(np.isfinite(value)):
+        raise InputFileError(f"{path}: {name!r} holds non-finite values")
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
+      raise InputFileError(f"{path}: 'sigma' is not symmetric: not a covariance matrix")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+  images = arrays.get("arr_0")
+  if need_images:
+    if images is None:
+      raise InputFileError(f"{path}: no reference images 'arr_0' (needed for precision/recall; "
+                           "ADM's VIRTUAL_*.npz has them, a mu/sigma-only file does not)")
+  if images is not None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+      raise InputFileError(f"{path}: 'arr_0' must be uint8 images [N, H, W, 3], got "
+                           f"{images.dtype} {images.shape}")
+  count = int(arrays["count"]) if "count" in arrays and arrays["count"].size == 1 else None
+  return ReferenceStatistics(path, mu, sigma, images, count)
+
+
+def save(path: str, mu: np.ndarray, sigma: np.ndarray, *, count: int) -> str:
+  """Writes `path` (.npz: mu, sigma, count) atomically; `load` reads it back."""
+  tmp = f"{path}.tmp.npz"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+           count=np.int64(count))
+  os.replace(tmp, path)
+  return path
