@@ -14,10 +14,12 @@ flip with its VAE tokenizer into an ArrayRecord latent cache in --out (default
 config.data.latents); training reads it with --config.data.latents=DIR (see
 `arjax.data.latents`).
 
-    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|vae]
+    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py]
+        [--kind=mar|vae|inception]
 
-imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), or a file of any
-converter a family or tokenizer registers, into DIR; see `arjax.convert.official` and the
+imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), the FID
+Inception-v3's pt_inception-2015-12-05-*.pth, or a file of any converter a family or
+tokenizer registers, into DIR; see `arjax.convert.official` and the
 README.
 
     python -m arjax describe --config=configs/X.py [--num_devices=N]
@@ -77,7 +79,8 @@ _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint 
                               "(.pth/.ckpt, read without running code; .npz, .safetensors).")
 # A string, not an enum: the kinds are the registered converters, plug-ins' included.
 _KIND = flags.DEFINE_string(
-    "kind", None, "convert: what --source holds: mar, vae, or a plug-in's converter; default: "
+    "kind", None, "convert: what --source holds: mar, vae, inception (the FID Inception-v3), or "
+    "a plug-in's converter; default: "
     "detected from its parameter names.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "
                                     "-1 in config.mesh.shape; default jax.device_count().")
@@ -122,6 +125,7 @@ def main(argv):
   from arjax.config import schema as configs  # imported late: `--help` stays instant
 
   from arjax import registry
+  from arjax.errors import InputFileError
   from arjax.parallel import distributed
 
   try:
@@ -133,7 +137,8 @@ def main(argv):
     coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     distributed.initialize(coords)
     _run(command, config, workdir)
-  except (configs.ConfigError, FileNotFoundError, OSError, distributed.SetupError) as e:
+  except (configs.ConfigError, InputFileError, FileNotFoundError, OSError,
+          distributed.SetupError) as e:
     # Mistakes a user can fix: one line naming the field or path, no traceback.
     sys.exit(f"error: {e}")
 

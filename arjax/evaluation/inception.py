@@ -412,3 +412,45 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
   given = {k: v for k, v in state_dict.items() if not k.endswith(UNUSED_SUFFIX)}
   tree = state_dict_lib.to_params(given, expected, what=what, kernel_layout=kernel_to_flax)
   return jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), tree)
+
+
+# -----------------------------------------------------------------------------
+# The converted params on disk: one .npz, '/'-joined paths, no pickle.
+
+
+def save_params(path: str, params) -> str:
+  """Writes the params tree to `path` (.npz) atomically; returns `path`."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  flat = {"/".join(p): np.asarray(v, np.float32) for p, v in _flatten(params)}
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+  return path
+
+
+def load_params(path: str) -> dict:
+  """The params tree `save_params` wrote (what `convert --kind=inception` writes), checked
+  against the network: InputFileError naming the file and its missing or mis-shaped entries."""
+  from arjax.errors import InputFileError  # pylint: disable=import-outside-toplevel
+  from arjax.evaluation import npz_files  # pylint: disable=import-outside-toplevel
+
+  want = {"/".join(p): tuple(leaf.shape) for p, leaf in _flatten(abstract_params())}
+  arrays = npz_files.read_arrays(path, "FID Inception params", required=(),
+                                 optional=tuple(want))
+  problems = [f"missing {k}" for k in sorted(set(want) - set(arrays))]
+  problems += [f"{k} has shape {arrays[k].shape}, expected {want[k]}" for k in sorted(arrays)
+               if arrays[k].shape != want[k]]
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                       else "")
+    raise InputFileError(f"{path}: not the FID Inception params `python -m arjax convert "
+                         f"--kind=inception` writes ({shown})")
+  tree: dict = {}
+  for key, value in arrays.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = np.asarray(value, np.float32)
+  return tree
