@@ -6,8 +6,8 @@ No `test_` prefix: pytest does not collect this module.
 * `regenerate_state_dict`: the file's parameters, which it stores as a recipe
   (`param_spec_json` + seed) rather than as 96 MB of floats, rebuilt with numpy exactly as
   README_inception.md prescribes, each entry checked against its stored sha256.
-* `network_outputs`: the state dict through the converter's import path
-  (`inception.params_from_state_dict`) and the Flax network, on every batch of the file: the
+* `network_outputs`: the state dict through the converter (`converted_params`: the safe
+  loader, `inception.params_from_state_dict`, the params file) and the Flax network, on every batch of the file: the
   arrays to compare with `out/<batch>/*` and `act/<batch>/*`, keyed like them.
 * `metric_outputs`: FID statistics and distances, Inception Scores, from the file's `in/fid/*`
   and `in/isc/*`: the arrays to compare with `out/fid/*` and `out/isc/*`.
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 from typing import Dict, List
 
 import jax
@@ -76,6 +77,20 @@ def checksum_failures(spec, state_dict) -> List[str]:
           if hashlib.sha256(state_dict[e["key"]].tobytes()).hexdigest() != e["sha256"]]
 
 
+def converted_params(state_dict):
+  """The state dict through `python -m arjax convert --kind=inception`'s code: saved as a
+  bare-state-dict .npz, read by the safe loader, mapped and written by the converter, and
+  read back as `eval` reads it."""
+  from arjax.convert import official
+
+  with tempfile.TemporaryDirectory() as tmp:
+    source = os.path.join(tmp, "pt_inception-golden.npz")
+    np.savez(source, **state_dict)
+    result = official.convert(source, os.path.join(tmp, "out"), kind="inception",
+                              log=lambda line: None)
+    return inception.load_params(result["params"])
+
+
 @functools.lru_cache(maxsize=None)
 def _network():
   model = inception.FIDInceptionV3()
@@ -96,7 +111,7 @@ def network_outputs(path) -> Dict[str, np.ndarray]:
   config = config_of(arrays)
   spec = json.loads(str(arrays["param_spec_json"]))
   state_dict = regenerate_state_dict(spec, config["param_gen"]["seed"])
-  params = inception.params_from_state_dict(state_dict)
+  params = converted_params(state_dict)
   batches = config["batches"]
   # Each batch resized at its own size, then one network run for all: one compile per file.
   inputs = [np.asarray(jax.jit(inception.preprocess)(arrays[f"in/{b['name']}/images_uint8"]))
