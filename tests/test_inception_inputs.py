@@ -156,3 +156,35 @@ def test_a_bad_reference_statistics_file_is_named_with_what_is_wrong(tmp_path, m
     reference_statistics.load(path, **kwargs)
   message = _one_line(e.value)
   assert message.startswith(f"{path}: ") and expected in message, message
+
+
+class _FakeExtractor:
+  """Stands in for InceptionExtractor: 'features' are the mean pixel per channel."""
+  feature_dim = 3
+
+  def __init__(self):
+    self.calls = 0
+
+  def stream(self, batches):
+    from arjax.evaluation import inception_extractor
+    from arjax.evaluation import fid
+    self.calls += 1
+    moments = fid.FeatureMoments(3)
+    for batch in batches:
+      moments.update(batch.reshape(len(batch), -1, 3).mean(1))
+    return inception_extractor.StreamResult(moments, np.zeros((moments.count, 1), np.float32))
+
+
+def test_reference_statistics_of_a_split_are_computed_once_then_read_from_the_cache(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+  batches = lambda: (images[i:i + 6] for i in range(0, 20, 6))
+  extractor, path = _FakeExtractor(), str(tmp_path / "fid_stats" / "digits_train.npz")
+  source = {"dataset": "digits", "split": "train", "image_size": 4}
+  first = reference_statistics.compute_and_cache(path, batches, extractor, source=source)
+  again = reference_statistics.compute_and_cache(path, batches, extractor, source=source)
+  assert extractor.calls == 1 and again.count == first.count == 20
+  np.testing.assert_allclose(again.mu, images.reshape(20, -1, 3).mean(1).mean(0))
+  said = []
+  reference_statistics.compute_and_cache(path, batches, extractor,
+                                         source={**source, "split": "test"}, log=said.append)
+  assert extractor.calls == 2 and "recomputing" in said[0]

@@ -43,6 +43,8 @@ class StreamResult:
 class InceptionExtractor:
   """pool3 features and logits of uint8 images, `batch_size` at a time over a mesh."""
 
+  feature_dim = inception.POOL3_DIM
+
   def __init__(self, params, *, batch_size: Optional[int] = None, mesh: Optional[Mesh] = None):
     if mesh is None:
       devices = np.asarray(jax.local_devices()).reshape(-1, 1, 1)

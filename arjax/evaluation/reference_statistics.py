@@ -10,12 +10,15 @@ The papers compare against published statistics of the real data:
 
 `load` reads either (and arjax's own `save`d files, the same keys), checking that every array
 is finite and of the right shape, and fails in one line naming the file and what is wrong.
+`compute_and_cache` makes such a file for any stream of real images (a TFDS split), once:
+a later call with the same `source` description reads the cache.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -91,11 +94,40 @@ def load(path: str, *, dim: Optional[int] = None, need_images: bool = False
   return ReferenceStatistics(path, mu, sigma, images, count)
 
 
-def save(path: str, mu: np.ndarray, sigma: np.ndarray, *, count: int) -> str:
-  """Writes `path` (.npz: mu, sigma, count) atomically; `load` reads it back."""
+def save(path: str, mu: np.ndarray, sigma: np.ndarray, *, count: int,
+         source: Optional[dict] = None) -> str:
+  """Writes `path` (.npz: mu, sigma, count, and `source` as JSON) atomically; `load` reads it."""
   tmp = f"{path}.tmp.npz"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-           count=np.int64(count))
+           count=np.int64(count), source_json=np.asarray(json.dumps(source or {})))
   os.replace(tmp, path)
   return path
+
+
+def cached_source(path: str) -> Optional[dict]:
+  """The `source` a cached statistics file was computed from (None: no file, or none recorded)."""
+  if not os.path.isfile(path):
+    return None
+  arrays = npz_files.read_arrays(path, WHAT, required=(), optional=("source_json",))
+  return json.loads(str(arrays["source_json"])) if "source_json" in arrays else None
+
+
+def compute_and_cache(path: str, batches: Callable[[], Iterable[np.ndarray]], extractor, *,
+                      source: dict, log: Callable[[str], None] = print) -> ReferenceStatistics:
+  """The pool3 statistics of the real images `batches()` yields, from the cache at `path` when
+  it was computed from the same `source` (e.g. {'dataset', 'split', 'image_size'}), else
+  computed with `extractor` (`InceptionExtractor`: streamed, memory independent of the split's
+  size) and written there. A cache of another source is recomputed, saying why."""
+  cached = cached_source(path)
+  if cached == source:
+    return load(path, dim=extractor_dim(extractor))
+  if cached is not None:
+    log(f"{path}: computed from {cached}, not {source}: recomputing")
+  moments = extractor.stream(batches()).moments
+  save(path, moments.mu, moments.sigma, count=moments.count, source=source)
+  return load(path, dim=moments.dim)
+
+
+def extractor_dim(extractor) -> Optional[int]:
+  return getattr(extractor, "feature_dim", None)
