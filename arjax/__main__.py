@@ -22,6 +22,14 @@ Inception-v3's pt_inception-2015-12-05-*.pth, or a file of any converter a famil
 tokenizer registers, into DIR; see `arjax.convert.official` and the
 README.
 
+    python -m arjax fid_stats --config=configs/X.py --inception=DIR [--split=SPLIT]
+        [--out=FILE.npz] [--batch=N]
+
+streams the config's TFDS split (default config.data.train_split) through the FID
+Inception-v3 in DIR (from `convert --kind=inception`) and writes the pool3 mean and covariance
+that FID compares samples against (see `arjax.commands.fid_stats`); cached by dataset, split,
+size and weights.
+
     python -m arjax describe --config=configs/X.py [--num_devices=N]
 
 prints the config's parameters, FLOPs per train step and per sampled image, and memory per
@@ -53,7 +61,8 @@ host_allocator.keep_freed_memory()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve")
+COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve",
+            "fid_stats")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -63,15 +72,19 @@ _MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "decode"],
                           "bench: what to time (decode: the causal sampler's per-token step).")
 _BATCH = flags.DEFINE_integer(
     "batch", None, "bench: batch size; default config.train.global_batch_size (train) or "
-    "config.sample.batch_size (sample). cache_latents: images per encoding call; default 32 "
-    "per device.")
+    "config.sample.batch_size (sample). cache_latents, fid_stats: images per encoding / "
+    "Inception call; default 32 per device.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "bench: timed calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "bench: untimed calls after the first (compiling) one.")
 _PROFILE = flags.DEFINE_string("profile", None, "bench: write a jax.profiler trace of the timed "
                                "calls to this directory.")
 _OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json. "
-                           "cache_latents: the cache directory; default config.data.latents.")
-_SPLIT = flags.DEFINE_string("split", None, "cache_latents: the split to encode; default "
+                           "cache_latents: the cache directory; default config.data.latents. "
+                           "fid_stats: the statistics file; default "
+                           "<data_dir>/arjax_fid_stats/<dataset>_<split>_<size>px.npz.")
+_INCEPTION = flags.DEFINE_string("inception", None, "fid_stats: the FID Inception-v3 weights "
+                                 "`convert --kind=inception` wrote (its --out directory).")
+_SPLIT = flags.DEFINE_string("split", None, "cache_latents, fid_stats: the split to read; default "
                              "config.data.train_split.")
 
 # convert only; --out is its output directory.
@@ -117,6 +130,10 @@ def main(argv):
   elif argv[1] == "serve":
     if _WORKDIR.value is None:
       raise app.UsageError("serve: --workdir is required")
+  elif argv[1] == "fid_stats":
+    if _CONFIG.value is None or _INCEPTION.value is None:
+      raise app.UsageError("fid_stats: --config and --inception=DIR (from `convert "
+                           "--kind=inception`) are required")
   elif _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
@@ -169,6 +186,10 @@ def _run(command, config, workdir):
     print(f"{meta['num_examples']} {meta['split']!r} images (and their flips) of "
           f"{meta['dataset']!r} cached in {out}\n"
           f"train on them: --config.data.latents={out}")
+  elif command == "fid_stats":
+    from arjax.commands import fid_stats
+    print(fid_stats.run(config, _INCEPTION.value, split=_SPLIT.value, out=_OUT.value,
+                        batch_size=_BATCH.value))
   elif command == "serve":
     from arjax.serving import server as serve
     serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value)

@@ -51,6 +51,9 @@ EXERCISED_BY = {
         "tests/test_convert_cli.py::test_sample_command_runs_unchanged_on_the_converted_dir",
     "python -m arjax convert --kind=inception --source=pt_inception-2015-12-05-6726825d.pth "
     "--out=weights/inception": "tests/test_inception_convert.py::test_the_cli_converts_with_kind_inception",
+    "python -m arjax fid_stats --config=configs/imagenet256_mar_base.py "
+    "--inception=weights/inception --split=train":
+        "tests/test_fid_stats.py::test_fid_stats_writes_loadable_statistics_and_reuses_them",
     "python -m arjax cache_latents --config=configs/imagenet256_mar_base.py "
     "--config.tokenizer.checkpoint=weights/kl16 --out=latents/imagenet256_kl16":
         "tests/test_latent_cache.py::test_command_line_caches_a_split_next_to_the_others",

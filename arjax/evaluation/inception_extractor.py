@@ -66,11 +66,14 @@ class InceptionExtractor:
                         out_shardings=batch)
 
   def __call__(self, images: np.ndarray) -> dict:
-    """{'pool3': float32 [n, 2048], 'logits_unbiased': float32 [n, 1008]} of uint8 [n, H, W, 3]
-    images, n <= batch_size."""
+    """{'pool3': float32 [n, 2048], 'logits_unbiased': float32 [n, 1008]} of uint8 [n, H, W, C]
+    images (C = 3, or 1: grayscale, repeated), n <= batch_size."""
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be uint8 [n, H, W, 3], got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f"images must be uint8 [n, H, W, 1 or 3], got {images.dtype} "
+                       f"{images.shape}")
+    if images.shape[-1] == 1:  # grayscale: the network reads RGB; gray = three equal channels
+      images = np.repeat(images, 3, axis=-1)
     n = len(images)
     if not 0 < n <= self.batch_size:
       raise ValueError(f"a batch holds 1..{self.batch_size} images, got {n}")

@@ -114,17 +114,26 @@ def cached_source(path: str) -> Optional[dict]:
 
 
 def compute_and_cache(path: str, batches: Callable[[], Iterable[np.ndarray]], extractor, *,
-                      source: dict, log: Callable[[str], None] = print) -> ReferenceStatistics:
+                      source: dict, log: Callable[[str], None] = print,
+                      merge: Callable = lambda moments: moments, write: bool = True
+                      ) -> ReferenceStatistics:
   """The pool3 statistics of the real images `batches()` yields, from the cache at `path` when
   it was computed from the same `source` (e.g. {'dataset', 'split', 'image_size'}), else
   computed with `extractor` (`InceptionExtractor`: streamed, memory independent of the split's
-  size) and written there. A cache of another source is recomputed, saying why."""
+  size) and written there. A cache of another source is recomputed, saying why.
+
+  Multi-host: every process streams its own share, `merge` combines the processes' moments
+  (`inception_extractor.merged_across_processes`) and only the process with `write` writes;
+  the others get the statistics without reading the file back.
+  """
   cached = cached_source(path)
   if cached == source:
     return load(path, dim=extractor_dim(extractor))
   if cached is not None:
     log(f"{path}: computed from {cached}, not {source}: recomputing")
-  moments = extractor.stream(batches()).moments
+  moments = merge(extractor.stream(batches()).moments)
+  if not write:
+    return ReferenceStatistics(path, moments.mu, moments.sigma, count=moments.count)
   save(path, moments.mu, moments.sigma, count=moments.count, source=source)
   return load(path, dim=moments.dim)
 
