@@ -6,6 +6,7 @@ the converter's file format) that `reference_statistics.load` reads, and a secon
 the cache instead of recomputing.
 """
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from arjax.config import schema as configs
 from arjax.data import pipeline
 from arjax.evaluation import inception
 from arjax.evaluation import reference_statistics
+import inception_testing
 from conftest import REPO_ROOT
 
 
@@ -36,36 +38,61 @@ def test_the_processes_blocks_of_a_split_cover_it_once_in_order(data_dir, proces
   assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
 
 
-def _random_inception(directory):
-  rng = np.random.default_rng(0)
-  sd = {name: rng.uniform(-1, 1, shape).astype(np.float32)
-        for name, shape in inception.state_dict_shapes().items()}
-  for name, value in sd.items():
-    if name.endswith("conv.weight"):
-      value *= np.sqrt(3.0 / np.prod(value.shape[1:]))
-    if name.endswith("running_var"):
-      value[:] = np.abs(value) + 0.5
-  os.makedirs(directory)
-  inception.save_params(os.path.join(directory, "fid_inception_v3.npz"),
-                        inception.params_from_state_dict(sd))
-  return directory
+def _fid_stats(weights, out, data_dir, *extra, env=None):
+  command = [sys.executable, "-m", "arjax", "fid_stats", "--config=configs/digits.py:smoke",
+             f"--inception={weights}", "--split=test[:8]", f"--out={out}", *extra]
+  env = dict(os.environ if env is None else env, ARJAX_DATA_DIR=data_dir)
+  return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finished(*procs):
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data_dir):
+  """(weights dir, statistics file, output) of one 8-device fid_stats run on test[:8]."""
+  tmp = tmp_path_factory.mktemp("fid_stats")
+  weights = inception_testing.write_random_params(str(tmp / "inception"))
+  out = tmp / "stats.npz"
+  output, = _finished(_fid_stats(weights, out, data_dir, "--batch=8"))
+  return weights, out, output
 
 
 @pytest.mark.slow
-def test_fid_stats_writes_loadable_statistics_and_reuses_them(tmp_path, data_dir):
-  weights = _random_inception(str(tmp_path / "inception"))
-  out = tmp_path / "stats.npz"
-  command = [sys.executable, "-m", "arjax", "fid_stats", "--config=configs/digits.py:smoke",
-             f"--inception={weights}", "--split=test[:8]", "--batch=8", f"--out={out}"]
-  env = dict(os.environ, ARJAX_DATA_DIR=data_dir)
-  first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-  assert first.returncode == 0, first.stderr
-  assert f"split 'test[:8]' (8 images, 8px): {out}" in first.stdout
+def test_fid_stats_writes_loadable_statistics_and_reuses_them(one_process, data_dir):
+  weights, out, output = one_process
+  assert f"split 'test[:8]' (8 images, 8px): {out}" in output
   stats = reference_statistics.load(str(out), dim=inception.POOL3_DIM)
   assert stats.count == 8 and stats.sigma.shape == (2048, 2048)
   written = out.stat().st_mtime_ns
-  again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-  assert again.returncode == 0, again.stderr
-  assert "recomputing" not in again.stdout and out.stat().st_mtime_ns == written
+  again, = _finished(_fid_stats(weights, out, data_dir, "--batch=8"))
+  assert "recomputing" not in again and out.stat().st_mtime_ns == written
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_statistics_of_one(one_process, data_dir, tmp_path):
+  """Each process streams its half of the split through its own 4 devices; the merged
+  moments are those of the whole split."""
+  weights, single, _ = one_process
+  out = tmp_path / "stats.npz"
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  _finished(*[_fid_stats(weights, out, data_dir, "--batch=4",
+                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}", env=env) for i in range(2)])
+  one = reference_statistics.load(str(single))
+  two = reference_statistics.load(str(out))
+  assert two.count == one.count == 8
+  for a, b in ((two.mu, one.mu), (two.sigma, one.sigma)):
+    assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(b))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

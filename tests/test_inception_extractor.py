@@ -8,19 +8,12 @@ from arjax.evaluation import fid
 from arjax.evaluation import inception
 from arjax.evaluation import inception_extractor
 
+import inception_testing
+
 
 @pytest.fixture(scope="module")
 def params():
-  """Random weights through the converter's path (no init to compile)."""
-  rng = np.random.default_rng(0)
-  sd = {name: rng.uniform(-1, 1, shape).astype(np.float32)
-        for name, shape in inception.state_dict_shapes().items()}
-  for name, value in sd.items():
-    if name.endswith("conv.weight"):
-      value *= np.sqrt(3.0 / np.prod(value.shape[1:]))  # activations stay O(1)
-    if name.endswith("running_var"):
-      value[:] = np.abs(value) + 0.5
-  return inception.params_from_state_dict(sd)
+  return inception_testing.random_params()
 
 
 def test_a_stream_larger_than_a_batch_gives_the_direct_outputs_and_their_statistics(params):

@@ -57,7 +57,7 @@ class InceptionExtractor:
                        "devices it is split over")
     self.params = jax.device_put(params, sharding.replicated(mesh))
     model = inception.FIDInceptionV3()
-    batch = sharding.batch_sharding(mesh)
+    batch = self._batch = sharding.batch_sharding(mesh)
 
     def run(params, images):
       out = model.apply({"params": params}, images)
@@ -80,7 +80,9 @@ class InceptionExtractor:
     if n < self.batch_size:  # pad: one compiled shape for every batch of the stream
       padding = np.zeros((self.batch_size - n,) + images.shape[1:], np.uint8)
       images = np.concatenate([images, padding])
-    out = self._run(self.params, images)
+    # Placed explicitly: in a multi-process job jit refuses numpy input for a sharded argument,
+    # and this mesh is the process's own devices, so the host batch is all of the array.
+    out = self._run(self.params, jax.device_put(images, self._batch))
     return {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
 
   def stream(self, batches: Iterable[np.ndarray], *, keep_pool3: bool = False) -> StreamResult:
