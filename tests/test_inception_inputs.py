@@ -112,12 +112,13 @@ def test_adm_style_statistics_load_and_arjax_saved_ones_round_trip(tmp_path):
   np.savez(adm, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu, sigma_s=sigma, arr_0=images)
   loaded = reference_statistics.load(str(adm), dim=6, need_images=True)
   np.testing.assert_array_equal(loaded.mu, mu.astype(np.float32))
-  assert loaded.sigma.dtype == np.float64 and loaded.images.shape == (5, 4, 4, 3)
+  assert loaded.sigma.dtype == np.float64 and loaded.images_shape == (5, 4, 4, 3)
+  np.testing.assert_array_equal(np.concatenate(list(loaded.image_batches(2))), images)
   own = reference_statistics.save(str(tmp_path / "stats.npz"), mu, sigma, count=50)
   again = reference_statistics.load(own, dim=6)
   np.testing.assert_array_equal(again.mu, mu)
   np.testing.assert_array_equal(again.sigma, sigma)
-  assert again.count == 50 and again.images is None
+  assert again.count == 50 and again.images_shape is None
 
 
 def _bad(tmp_path, name="ref.npz", **arrays):

@@ -24,13 +24,6 @@ from arjax.evaluation import inception_extractor
 from arjax.evaluation import reference_statistics
 
 
-def inception_params_path(path: str) -> str:
-  """`--inception` as given: the converter's output directory, or the params file itself."""
-  if os.path.isdir(path):
-    return os.path.join(path, inception_convert.PARAMS_FILE)
-  return path
-
-
 def default_out(config, split: str) -> str:
   d = config.data
   name = f"{d.name}_{split}_{d.image_size}px.npz".replace("/", "_")
@@ -52,7 +45,7 @@ def run(config, inception_path: str, *, split: Optional[str] = None, out: Option
   split = split or d.train_split
   out = out or default_out(config, split)
   pipeline.prepare(d.name, d.data_dir)  # the bundled datasets build on first use
-  params_path = inception_params_path(inception_path)
+  params_path = inception_convert.params_path(inception_path)
   params = inception.load_params(params_path)
   extractor = inception_extractor.InceptionExtractor(params, batch_size=batch_size)
   source = {"dataset": d.name, "split": split, "image_size": d.image_size,

@@ -27,6 +27,11 @@ from arjax.weights.state_dict import CheckpointError
 PARAMS_FILE = "fid_inception_v3.npz"
 
 
+def params_path(path: str) -> str:
+  """Where the params are, given the converter's output directory or the params file itself."""
+  return os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
+
+
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

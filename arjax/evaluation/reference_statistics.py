@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -28,36 +28,51 @@ from arjax.evaluation import npz_files
 WHAT = "reference statistics"
 
 
+IMAGES_KEY = "arr_0"  # ADM's name for the reference images
+
+
 @dataclasses.dataclass
 class ReferenceStatistics:
   path: str
   mu: Optional[np.ndarray]               # float64 [D]; None when the file holds images only
   sigma: Optional[np.ndarray]            # float64 [D, D]
-  images: Optional[np.ndarray] = None    # uint8 [N, H, W, 3] (ADM's arr_0), for precision/recall
   count: Optional[int] = None            # rows the statistics were computed from, if recorded
+  # Shape of the reference images (ADM's arr_0, uint8 [N, H, W, 3]) when the file has them:
+  # they are streamed (`image_batches`), never loaded (10,000 at 256 px are 2 GB).
+  images_shape: Optional[tuple] = None
 
   @property
   def dim(self) -> Optional[int]:
     return None if self.mu is None else int(self.mu.shape[0])
 
+  def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    if self.images_shape is None:
+      raise InputFileError(f"{self.path}: no reference images {IMAGES_KEY!r}")
+    return npz_files.stream_rows(self.path, IMAGES_KEY, WHAT, batch_size)
+
 
 def load(path: str, *, dim: Optional[int] = None, need_images: bool = False
          ) -> ReferenceStatistics:
-  """The statistics (and reference images, if the file has them) of `path`.
+  """The statistics (and the reference images' shape, if the file has them) of `path`.
 
   dim: the feature dimension they must have (2048 for Inception pool3); need_images: the
   reference images (arr_0) are required, for precision/recall. Raises FileNotFoundError or
   InputFileError naming the file.
   """
-  arrays = npz_files.read_arrays(path, WHAT, required=(),
-                                 optional=("mu", "sigma", "count") + (("arr_0",) if need_images
-                                                                      else ()))
+  arrays = npz_files.read_arrays(path, WHAT, required=(), optional=("mu", "sigma", "count"))
+  images_shape = None
+  if npz_files.has_array(path, IMAGES_KEY):
+    shape, dtype = npz_files.array_header(path, IMAGES_KEY, WHAT)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+      raise InputFileError(f"{path}: {IMAGES_KEY!r} must be uint8 images [N, H, W, 3], got "
+                           f"{dtype} {shape}")
+    images_shape = tuple(shape)
   has_stats = "mu" in arrays or "sigma" in arrays
   if has_stats and not ("mu" in arrays and "sigma" in arrays):
     lacking = "sigma" if "mu" in arrays else "mu"
     raise InputFileError(f"{path}: has {'mu' if lacking == 'sigma' else 'sigma'} but no "
                          f"{lacking!r}: not a complete {WHAT} file")
-  if not has_stats and "arr_0" not in arrays:
+  if not has_stats and images_shape is None:
     raise InputFileError(f"{path}: neither 'mu'/'sigma' nor reference images 'arr_0': not a "
                          f"{WHAT} file (ADM's VIRTUAL_*.npz or a fid_stats file)")
   mu = sigma = None
@@ -81,17 +96,11 @@ def load(path: str, *, dim: Optional[int] = None, need_images: bool = False
     if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(sigma).max())):
       raise InputFileError(f"{path}: 'sigma' is not symmetric: not a covariance matrix")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
-  images = arrays.get("arr_0")
-  if need_images:
-    if images is None:
-      raise InputFileError(f"{path}: no reference images 'arr_0' (needed for precision/recall; "
-                           "ADM's VIRTUAL_*.npz has them, a mu/sigma-only file does not)")
-  if images is not None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise InputFileError(f"{path}: 'arr_0' must be uint8 images [N, H, W, 3], got "
-                           f"{images.dtype} {images.shape}")
+  if need_images and images_shape is None:
+    raise InputFileError(f"{path}: no reference images 'arr_0' (needed for precision/recall; "
+                         "ADM's VIRTUAL_*.npz has them, a mu/sigma-only file does not)")
   count = int(arrays["count"]) if "count" in arrays and arrays["count"].size == 1 else None
-  return ReferenceStatistics(path, mu, sigma, images, count)
+  return ReferenceStatistics(path, mu, sigma, count, images_shape)
 
 
 def save(path: str, mu: np.ndarray, sigma: np.ndarray, *, count: int,
