@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 
 import inception_testing
 
-N = 12
+N = 8  # one Inception call of 8 (one image per simulated device): the CPU cost of these tests
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_sample_set_scored_against_itself_has_fid_zero_and_full_precision_reca
   report = evaluate_cli.run(_config(weights, reference, paper_row="MAR-B"), str(tmp_path))
   metrics = json.loads((tmp_path / "eval.json").read_text())
   assert metrics["num_images"] == N and metrics["num_reference_images"] == N
-  assert abs(metrics["fid"]) < 1e-3  # float32 features of two batchings of the same images
+  assert abs(metrics["fid"]) < 1e-3  # float32 features: round-off only
   assert metrics["precision"] == metrics["recall"] == 1.0
   assert metrics["inception_score"] >= 1.0
   assert "MAR-B (paper)" in report and "2.31" in report and "281.7" in report

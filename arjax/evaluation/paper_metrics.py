@@ -80,8 +80,12 @@ def evaluate_samples(samples_path: str, extractor, reference, *,
       "fid": fid_lib.frechet_distance_from_statistics(moments.mu, moments.sigma, ref_mu,
                                                       ref_sigma),
   }
+  # torch-fidelity's 10 splits; fewer (one image each) for a set smaller than that, a smoke
+  # run's, rather than no score.
+  splits = min(inception_score.SPLITS, len(logits))
   result["inception_score"], result["inception_score_std"] = inception_score.inception_score(
-      logits)
+      logits, splits=splits)
+  result["inception_score_splits"] = splits
   if with_pr:
     precision, recall = improved_precision_recall.precision_recall(
         ref_pool3, _gathered(samples.pool3))
