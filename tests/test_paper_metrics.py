@@ -122,3 +122,39 @@ def test_eval_prints_the_papers_metrics_from_the_command_line(setup, images, tmp
   for name in ("fid", "inception_score", "precision", "recall"):
     assert name in result.stdout
   assert os.path.isfile(tmp_path / "eval.json")
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_samples_as_one(setup, images, tmp_path):
+  """Each process streams its half of samples.npz; the merged moments and gathered logits and
+  features give the numbers of one process."""
+  import socket
+
+  weights, reference, _ = setup
+  np.savez(tmp_path / "samples.npz", images=images[::-1], labels=np.zeros(N, np.int64))
+  flags = ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}",
+           "--config.eval.metrics=inception", f"--config.eval.inception={weights}",
+           f"--config.eval.reference={reference}", "--config.eval.batch_size=4"]
+  evaluate_cli.run(_config(weights, reference), str(tmp_path))  # one process, 8 devices
+  single = json.loads((tmp_path / "eval.json").read_text())
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable, "-m", "arjax", "eval", *flags,
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+  double = json.loads((tmp_path / "eval.json").read_text())
+  assert double["num_images"] == single["num_images"] == N
+  assert double["precision"] == single["precision"] and double["recall"] == single["recall"]
+  assert double["fid"] == pytest.approx(single["fid"], abs=1e-3)
+  assert double["inception_score"] == pytest.approx(single["inception_score"], rel=1e-5)
