@@ -84,6 +84,18 @@ def test_a_mu_sigma_only_reference_gives_fid_and_is_without_precision_recall(set
   assert "no reference images in it, so no precision/recall" in report
 
 
+def test_a_reference_of_images_only_gives_its_statistics_from_the_images(setup, images,
+                                                                         tmp_path):
+  weights, _, _ = setup
+  batch = tmp_path / "ref_batch.npz"
+  np.savez(batch, arr_0=np.repeat(images, 3, -1))  # ADM's reference batch without mu/sigma
+  np.savez(tmp_path / "samples.npz", images=images, labels=np.zeros(N, np.int64))
+  evaluate_cli.run(_config(weights, str(batch)), str(tmp_path))
+  metrics = json.loads((tmp_path / "eval.json").read_text())
+  assert abs(metrics["fid"]) < 1e-3
+  assert metrics["precision"] == metrics["recall"] == 1.0
+
+
 def test_missing_weights_or_reference_are_named_with_the_command_that_makes_them(setup, images,
                                                                                  tmp_path):
   weights, _, _ = setup
