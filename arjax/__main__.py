@@ -14,11 +14,21 @@ flip with its VAE tokenizer into an ArrayRecord latent cache in --out (default
 config.data.latents); training reads it with --config.data.latents=DIR (see
 `arjax.data.latents`).
 
-    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py] [--kind=mar|xar|vae]
+    python -m arjax convert --source=CHECKPOINT --out=DIR [--config=configs/X.py]
+        [--kind=mar|xar|vae|inception]
 
-imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), or a file of any
-converter a family or tokenizer registers, into DIR; see `arjax.convert.official` and the
+imports an official MAR checkpoint-last.pth (params, EMA) or kl16.ckpt (VAE), the FID
+Inception-v3's pt_inception-2015-12-05-*.pth, or a file of any converter a family or
+tokenizer registers, into DIR; see `arjax.convert.official` and the
 README.
+
+    python -m arjax fid_stats --config=configs/X.py --inception=DIR [--split=SPLIT]
+        [--out=FILE.npz] [--batch=N]
+
+streams the config's TFDS split (default config.data.train_split) through the FID
+Inception-v3 in DIR (from `convert --kind=inception`) and writes the pool3 mean and covariance
+that FID compares samples against (see `arjax.commands.fid_stats`); cached by dataset, split,
+size and weights.
 
     python -m arjax describe --config=configs/X.py [--num_devices=N]
 
@@ -51,7 +61,8 @@ host_allocator.keep_freed_memory()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve")
+COMMANDS = ("train", "sample", "eval", "bench", "cache_latents", "convert", "describe", "serve",
+            "fid_stats")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:smoke].",
                                           lock_config=True)
@@ -61,15 +72,19 @@ _MODE = flags.DEFINE_enum("mode", None, ["train", "sample", "decode"],
                           "bench: what to time (decode: the causal sampler's per-token step).")
 _BATCH = flags.DEFINE_integer(
     "batch", None, "bench: batch size; default config.train.global_batch_size (train) or "
-    "config.sample.batch_size (sample). cache_latents: images per encoding call; default 32 "
-    "per device.")
+    "config.sample.batch_size (sample). cache_latents, fid_stats: images per encoding / "
+    "Inception call; default 32 per device.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "bench: timed calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "bench: untimed calls after the first (compiling) one.")
 _PROFILE = flags.DEFINE_string("profile", None, "bench: write a jax.profiler trace of the timed "
                                "calls to this directory.")
 _OUT = flags.DEFINE_string("out", None, "bench: JSON report path; default workdir/bench_<mode>.json. "
-                           "cache_latents: the cache directory; default config.data.latents.")
-_SPLIT = flags.DEFINE_string("split", None, "cache_latents: the split to encode; default "
+                           "cache_latents: the cache directory; default config.data.latents. "
+                           "fid_stats: the statistics file; default "
+                           "<data_dir>/arjax_fid_stats/<dataset>_<split>_<size>px.npz.")
+_INCEPTION = flags.DEFINE_string("inception", None, "fid_stats: the FID Inception-v3 weights "
+                                 "`convert --kind=inception` wrote (its --out directory).")
+_SPLIT = flags.DEFINE_string("split", None, "cache_latents, fid_stats: the split to read; default "
                              "config.data.train_split.")
 
 # convert only; --out is its output directory.
@@ -77,7 +92,8 @@ _SOURCE = flags.DEFINE_string("source", None, "convert: the official checkpoint 
                               "(.pth/.ckpt, read without running code; .npz, .safetensors).")
 # A string, not an enum: the kinds are the registered converters, plug-ins' included.
 _KIND = flags.DEFINE_string(
-    "kind", None, "convert: what --source holds: mar, vae, or a plug-in's converter; default: "
+    "kind", None, "convert: what --source holds: mar, vae, inception (the FID Inception-v3), or "
+    "a plug-in's converter; default: "
     "detected from its parameter names.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of the mesh, filling a "
                                     "-1 in config.mesh.shape; default jax.device_count().")
@@ -114,6 +130,10 @@ def main(argv):
   elif argv[1] == "serve":
     if _WORKDIR.value is None:
       raise app.UsageError("serve: --workdir is required")
+  elif argv[1] == "fid_stats":
+    if _CONFIG.value is None or _INCEPTION.value is None:
+      raise app.UsageError("fid_stats: --config and --inception=DIR (from `convert "
+                           "--kind=inception`) are required")
   elif _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   command, config, workdir = argv[1], _CONFIG.value, _WORKDIR.value
@@ -122,6 +142,7 @@ def main(argv):
   from arjax.config import schema as configs  # imported late: `--help` stays instant
 
   from arjax import registry
+  from arjax.errors import InputFileError
   from arjax.parallel import distributed
 
   try:
@@ -133,7 +154,8 @@ def main(argv):
     coords = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     distributed.initialize(coords)
     _run(command, config, workdir)
-  except (configs.ConfigError, FileNotFoundError, OSError, distributed.SetupError) as e:
+  except (configs.ConfigError, InputFileError, FileNotFoundError, OSError,
+          distributed.SetupError) as e:
     # Mistakes a user can fix: one line naming the field or path, no traceback.
     sys.exit(f"error: {e}")
 
@@ -164,6 +186,10 @@ def _run(command, config, workdir):
     print(f"{meta['num_examples']} {meta['split']!r} images (and their flips) of "
           f"{meta['dataset']!r} cached in {out}\n"
           f"train on them: --config.data.latents={out}")
+  elif command == "fid_stats":
+    from arjax.commands import fid_stats
+    print(fid_stats.run(config, _INCEPTION.value, split=_SPLIT.value, out=_OUT.value,
+                        batch_size=_BATCH.value))
   elif command == "serve":
     from arjax.serving import server as serve
     serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value)

@@ -4,3 +4,8 @@ can raise them: each names the field, file or argument at fault."""
 
 class ConfigError(ValueError):
   """A config field is unknown, missing, of the wrong type or out of range."""
+
+
+class InputFileError(ValueError):
+  """A file given to a command cannot be read, or holds the wrong arrays (dtype, shape, range,
+  missing keys): the message names the file and what is wrong with it, on one line."""

@@ -145,6 +145,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Sample with the EMA parameters (True) or the raw ones.
   config.sample.use_ema = True
 
+  config.eval = ml_collections.ConfigDict()
+  # 'classifier': FD, precision/recall, class consistency and memorisation on a small CNN fitted
+  # to the train split, beside held-out images and per-class Gaussian / GMM baselines.
+  # 'inception': the papers' FID / IS / precision / recall on the FID Inception-v3.
+  config.eval.metrics = "classifier"
+  # 'inception' only: the weights (`python -m arjax convert --kind=inception --out=DIR`) and
+  # the reference statistics (.npz; None: `python -m arjax fid_stats`'s default file).
+  config.eval.inception = ml_collections.config_dict.placeholder(str)
+  config.eval.reference = ml_collections.config_dict.placeholder(str)
+  config.eval.batch_size = 64
+  # The published row to print beside the numbers ('MAR-B', ...); '' = none.
+  config.eval.paper_row = ""
+
   if variant == "smoke":
     config.model.width = 32
     config.model.depth = 2

@@ -60,5 +60,11 @@ def get_config(variant: str = ""):
   config.sample.cfg_schedule = "linear"
   config.sample.num_steps = 50
   config.sample.batch_size = 256
+
+  # The papers' protocol: 50,000 samples on the FID Inception-v3 against ADM's reference batch
+  # (VIRTUAL_imagenet256_labeled.npz: mu/sigma of the train set, 10,000 images for
+  # precision/recall); set --config.eval.inception=DIR --config.eval.reference=FILE.
+  config.eval.metrics = "inception"
+  config.eval.batch_size = 256
   return hardware.hardware_variant(config, variant, "configs/imagenet256.py",
                                    global_batch_size=BATCH_ON_HARDWARE)

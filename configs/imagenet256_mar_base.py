@@ -39,6 +39,8 @@ SIZES = {
     "large": (1024, 16, 16, 1280, 8, 3.0),
     "huge": (1280, 20, 16, 1536, 12, 3.2),
 }
+# name -> the paper's row that `eval` prints beside the numbers (arjax.evaluation.paper_metrics)
+PAPER_ROWS = {"base": "MAR-B", "large": "MAR-L", "huge": "MAR-H"}
 
 
 def mar_imagenet256(size: str):
@@ -99,6 +101,7 @@ def mar_imagenet256(size: str):
   s.temperature = 1.0
   s.num_steps = 100  # DDPM respacing (MAR's num_sampling_steps)
   s.batch_size = 256
+  config.eval.paper_row = PAPER_ROWS[size]
   return config
 
 

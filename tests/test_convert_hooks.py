@@ -33,8 +33,8 @@ def test_the_registry_lists_the_toy_converter_beside_the_built_in_ones():
 def test_kinds_are_refused_naming_the_registered_ones(tmp_path):
   import toy_family  # noqa: F401
   quiet = lambda line: None
-  with pytest.raises(ValueError, match=r"--kind='foo': expected one of \['mar', 'toy_bag', "
-                                       r"'vae', 'xar'\]"):
+  with pytest.raises(ValueError, match=r"--kind='foo': expected one of \['inception', 'mar', "
+                                       r"'toy_bag', 'vae', 'xar'\]"):
     official.convert(tmp_path / "any.npz", str(tmp_path / "out"), kind="foo", log=quiet)
 
   mar = tmp_path / "mar.npz"
@@ -47,7 +47,7 @@ def test_kinds_are_refused_naming_the_registered_ones(tmp_path):
   with pytest.raises(CheckpointError, match="none of the known kinds of checkpoint") as e:
     official.convert(unknown, str(tmp_path / "out"), log=quiet)
   assert "toy bag (no backbone.positions)" in str(e.value)
-  assert "--kind=mar|toy_bag|vae|xar" in str(e.value)
+  assert "--kind=inception|mar|toy_bag|vae|xar" in str(e.value)
   assert not (tmp_path / "out").exists()
 
 

@@ -49,6 +49,15 @@ EXERCISED_BY = {
         "tests/test_convert_cli.py::test_convert_writes_a_workdir_and_says_how_to_sample_from_it",
     "python -m arjax sample --config=weights/mar_base/config.py --workdir=weights/mar_base":
         "tests/test_convert_cli.py::test_sample_command_runs_unchanged_on_the_converted_dir",
+    "python -m arjax convert --kind=inception --source=pt_inception-2015-12-05-6726825d.pth "
+    "--out=weights/inception": "tests/test_inception_convert.py::test_the_cli_converts_with_kind_inception",
+    "python -m arjax eval --config=configs/imagenet256_mar_base.py --workdir=... "
+    "--config.eval.inception=weights/inception "
+    "--config.eval.reference=VIRTUAL_imagenet256_labeled.npz":
+        "tests/test_paper_metrics.py::test_eval_prints_the_papers_metrics_from_the_command_line",
+    "python -m arjax fid_stats --config=configs/imagenet256_mar_base.py "
+    "--inception=weights/inception --split=train":
+        "tests/test_fid_stats.py::test_fid_stats_writes_loadable_statistics_and_reuses_them",
     "python -m arjax cache_latents --config=configs/imagenet256_mar_base.py "
     "--config.tokenizer.checkpoint=weights/kl16 --out=latents/imagenet256_kl16":
         "tests/test_latent_cache.py::test_command_line_caches_a_split_next_to_the_others",

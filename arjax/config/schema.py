@@ -95,6 +95,20 @@ SCHEMA: Schema = {
     "sample.seed": ((int,), None, ""),
     "sample.batch_size": ((int,), _pos, "> 0"),
     "sample.use_ema": ((bool,), None, ""),
+    # What `eval` measures: 'classifier' (a small CNN fitted to the dataset, against held-out
+    # images and per-class baselines: the digits path) or 'inception' (the papers' FID / IS /
+    # precision / recall on the FID Inception-v3 against eval.reference, streamed).
+    "eval.metrics": ((str,), lambda v: v in ("classifier", "inception"),
+                     "'classifier' or 'inception'"),
+    # The FID Inception weights: the directory `convert --kind=inception` wrote.
+    "eval.inception": ((str, type(None)), None, ""),
+    # Reference statistics (.npz): ADM's VIRTUAL_*.npz, a mu/sigma file, or `fid_stats` output;
+    # None: the `fid_stats` default file of data.train_split.
+    "eval.reference": ((str, type(None)), None, ""),
+    # Images per Inception call (a multiple of the process's devices).
+    "eval.batch_size": ((int,), _pos, "> 0"),
+    # The published results printed beside the numbers (arjax.evaluation.paper_metrics); '' none.
+    "eval.paper_row": ((str,), None, ""),
 }
 
 

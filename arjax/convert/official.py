@@ -2,12 +2,15 @@
 
     python -m arjax convert --source=checkpoint-last.pth --out=DIR [--config=configs/X.py]
     python -m arjax convert --source=kl16.ckpt --out=DIR        (--kind=mar|xar|vae: else detected)
+    python -m arjax convert --source=pt_inception-2015-12-05-6726825d.pth --out=DIR
+                                                                (--kind=inception: FID network)
 
 This module names no model. The kinds of file it reads are the converters the registered
 families and tokenizer kinds supply (`arjax.registry.converters()`; the interface:
 `arjax.weights.converter`): MAR's checkpoint-last.pth (arjax/families/masked/convert.py) and
 kl16.ckpt (arjax/tokenizers/kl_vae_convert.py), and any plug-in's (loaded from
-$ARJAX_PLUGINS). `--kind` names one; without it, the one whose `detect` recognises the
+$ARJAX_PLUGINS), plus the built-in FID Inception-v3's (arjax/evaluation/inception_convert.py).
+`--kind` names one; without it, the one whose `detect` recognises the
 file's parameter names is used. What the file becomes depends on the converter's kind:
 
   a family's checkpoint     a complete arjax workdir:
@@ -55,12 +58,19 @@ def _stderr(line: str) -> None:
 # Which converter.
 
 
+def built_in_converters() -> Dict[str, converter_lib.Converter]:
+  """Converters no family or tokenizer owns: the evaluation networks' (FID Inception-v3)."""
+  from arjax.evaluation import inception_convert
+
+  return {c.name: c for c in (inception_convert.InceptionConverter(),)}
+
+
 def _known(kind: Optional[str]) -> Dict[str, converter_lib.Converter]:
-  """The registered converters; ValueError if `kind` is not one of them."""
-  known = registry.converters()
+  """The registered converters and the built-in ones; ValueError if `kind` is none of them."""
+  known = {**registry.converters(), **built_in_converters()}
   if kind is not None and kind not in known:
     raise ValueError(f"--kind={kind!r}: expected one of {sorted(known)} (the converters of the "
-                     "registered families and tokenizers)")
+                     "registered families and tokenizers, and the built-in ones)")
   return known
 
 
@@ -253,6 +263,20 @@ def convert_tokenizer(converter: converter_lib.TokenizerConverter, ckpt, out: st
 
 
 # -----------------------------------------------------------------------------
+# An evaluation network's checkpoint -> its params file.
+
+
+def convert_network(converter: converter_lib.NetworkConverter, ckpt, out: str, *,
+                    log: Log = _stderr) -> dict:
+  """An evaluation network's checkpoint -> its params file in `out`; returns a summary."""
+  if ckpt.ignored:
+    log(f"not imported from {ckpt.path}: {', '.join(ckpt.ignored)}")
+  path = converter.write(converter.state_dict(ckpt, log), out, str(ckpt.path))
+  return {"kind": converter.name, "what": converter.what, "wrote": "network", "out": out,
+          "params": path}
+
+
+# -----------------------------------------------------------------------------
 # The command.
 
 
@@ -279,6 +303,8 @@ def convert(source, out: str, *, config=None, kind: Optional[str] = None,
   converter = converter_for(ckpt, known, kind)
   if isinstance(converter, converter_lib.FamilyConverter):
     return convert_family(converter, ckpt, out, config, log=log)
+  if isinstance(converter, converter_lib.NetworkConverter):
+    return convert_network(converter, ckpt, out, log=log)
   return convert_tokenizer(converter, ckpt, out, config, log=log)
 
 
@@ -288,6 +314,8 @@ def summary(result: Mapping[str, Any]) -> str:
     return (f"{result['what']} weights (step {result['step']}) in {result['out']}/checkpoints; "
             f"config {result['config']}\nsample: python -m arjax sample "
             f"--config={result['config']} --workdir={result['out']}")
+  if result["wrote"] == "network":
+    return f"{result['what']} params in {result['params']}"
   return (f"{result['what']} params (Orbax) in {result['out']}, architecture "
           f"{result['architecture']}\nuse: --config.tokenizer.checkpoint={result['out']}")
 

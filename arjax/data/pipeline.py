@@ -49,7 +49,7 @@ import fcntl
 import os
 import sys
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
@@ -467,3 +467,22 @@ def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     example = decode(source[position], position)
     images[position], labels[position] = example["image"], example["label"]
   return images, labels
+
+
+def split_image_batches(data_cfg, split: str, batch_size: int, *, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[np.ndarray]:
+  """This process's share of `split`, as uint8 image batches [<= batch_size, S, S, C], streamed
+  (decoded like `load_split`, never flipped), so that memory does not grow with the split.
+
+  Process p of P reads the contiguous block of records [p * N // P, (p + 1) * N // P): the
+  blocks cover the split once, whatever P.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  source = data_source(data_cfg, split)
+  decode = RecordDecoder.from_config(data_cfg, _declared_image_shape(source))
+  n = len(source)
+  start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
+  for first in range(start, stop, batch_size):
+    positions = range(first, min(first + batch_size, stop))
+    yield np.stack([decode(source[i], i)["image"] for i in positions])

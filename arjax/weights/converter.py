@@ -7,7 +7,7 @@ one `--kind` names or the one whose `detect` recognises the file, and writes wha
 The interface lives here, below the families and tokenizers that implement it, because imports
 only go down (tests/test_layering.py): arjax/convert uses it from above.
 
-A converter is one of two kinds, by what the file becomes:
+A converter is one of three kinds, by what the file becomes:
 
   FamilyConverter     a model's weights (and their EMA) -> a workdir: a TrainState checkpoint
                       plus the config they were checked against, which `sample` reads
@@ -15,6 +15,10 @@ A converter is one of two kinds, by what the file becomes:
   TokenizerConverter  a tokenizer's weights -> an Orbax params tree that the tokenizer's
                       `config.tokenizer.checkpoint` names (MAR's kl16.ckpt:
                       arjax/tokenizers/kl_vae_convert.py)
+  NetworkConverter    a fixed evaluation network's weights -> one params file that `eval`
+                      reads (the FID Inception's pt_inception-2015-12-05-*.pth:
+                      arjax/evaluation/inception_convert.py); built into `convert`, since
+                      no family or tokenizer owns it
 
 Each states its `name` (the `--kind` value), `what` (the file's kind in messages), the
 state-dict `groups` of the file it reads, and `detect(ckpt)`; the rest is the mapping from the
@@ -113,3 +117,20 @@ class TokenizerConverter(Converter):
   @abc.abstractmethod
   def params(self, state_dict: StateDict, architecture) -> Mapping[str, Any]:
     """The params tree for `architecture`; ValueError naming every mismatched key."""
+
+
+class NetworkConverter(Converter):
+  """An evaluation network's weights -> a params file in the output directory.
+
+  arjax/convert/official.py calls `state_dict`, then `write(state_dict, out)`, which checks
+  every key (ValueError naming each missing, unexpected and mis-shaped one) and returns the
+  path it wrote.
+  """
+
+  @abc.abstractmethod
+  def state_dict(self, ckpt: "Checkpoint", log: Log) -> StateDict:
+    """The network's one state dict in the file; CheckpointError if there is none."""
+
+  @abc.abstractmethod
+  def write(self, state_dict: StateDict, out: str, source: str) -> str:
+    """Converts and writes the params into directory `out`; returns the file written."""
