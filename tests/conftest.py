@@ -33,6 +33,21 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Reference outputs of official code (../shared/golden/README*.md); ARJAX_GOLDEN_DIR overrides.
+GOLDEN_DIR = pathlib.Path(
+    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+def golden_files(pattern):
+  """Every golden file matching `pattern` (e.g. 'mar_*.npz'), sorted; none if the folder is absent."""
+  return sorted(GOLDEN_DIR.glob(pattern)) if GOLDEN_DIR.is_dir() else []
+
+
+def golden_cases(pattern):
+  """One test id per golden file (its name in the id); a clean skip when the folder has none."""
+  return [pytest.param(p, id=p.name) for p in golden_files(pattern)] or [pytest.param(
+      None, id="no-golden-files",
+      marks=pytest.mark.skip(reason=f"no {pattern} in {GOLDEN_DIR} (set ARJAX_GOLDEN_DIR)"))]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import os
-import pathlib
 import tempfile
 from typing import Dict, List
 
@@ -32,11 +31,7 @@ import numpy as np
 from arjax.evaluation import fid as fid_lib
 from arjax.evaluation import inception
 from arjax.evaluation import inception_score
-from conftest import REPO_ROOT
 
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-GOLDEN_FILES = sorted(GOLDEN_DIR.glob("inception_*.npz")) if GOLDEN_DIR.is_dir() else []
 
 NETWORK_MIN_RTOL = 1e-5
 NETWORK_FLOOR_FACTOR = 10

@@ -19,7 +19,6 @@ and sampled latents (up to ~1e5) carry absolute noise floors of 0.03-0.8, relati
 """
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Any, Optional
 
@@ -29,11 +28,9 @@ from arjax.families.masked.weights import backbone_from_config, backbone_params_
 from arjax.heads.mar_mlp_weights import diffloss_params_from_state_dict, net_from_state_dict
 from arjax.heads import MarDiffusion
 from arjax.families.masked.model import MaskedARModel
-from conftest import REPO_ROOT
+from conftest import GOLDEN_DIR, golden_files
 
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-GOLDEN_FILES = sorted(GOLDEN_DIR.glob("mar_*.npz")) if GOLDEN_DIR.is_dir() else []
+GOLDEN_FILES = golden_files("mar_*.npz")
 
 RTOL = 1e-4
 ATOL_FLOAT64 = 1e-6

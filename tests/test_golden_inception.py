@@ -11,22 +11,18 @@ Sizes, batch names, activations, FID cases and IS settings are all read from the
 import numpy as np
 import pytest
 
-from golden_inception import (GOLDEN_DIR, GOLDEN_FILES, compare, golden_arrays, metric_outputs,
+from conftest import golden_cases
+from golden_inception import (compare, golden_arrays, metric_outputs,
                               network_outputs)
 
 
-def _cases():
-  """One test id per file (its name in the id); a clean skip when the folder has none."""
-  return [pytest.param(p, id=p.name) for p in GOLDEN_FILES] or [pytest.param(
-      None, id="no-golden-files",
-      marks=pytest.mark.skip(reason=f"no inception_*.npz in {GOLDEN_DIR} (set ARJAX_GOLDEN_DIR)"))]
 
 
 def _actual(path):
   return {**network_outputs(path), **metric_outputs(golden_arrays(path))}
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("inception_*.npz"))
 def test_golden_inception(path):
   failures = compare(golden_arrays(path), _actual(path))
   assert not failures, f"{path.name}:\n" + "\n".join(failures)
@@ -40,7 +36,7 @@ _TAMPERED_KINDS = ("out/{b}/pool3", "out/{b}/logits", "act/{b}/input_299", "act/
 _UNKNOWN = "out/an_output_no_check_computes"
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("inception_*.npz"))
 def test_a_tampered_golden_file_fails_naming_every_tampered_key(path):
   arrays = dict(golden_arrays(path))
   batches = sorted(k.split("/")[1] for k in arrays if k.startswith("in/")

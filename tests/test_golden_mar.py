@@ -23,7 +23,8 @@ import re
 import numpy as np
 import pytest
 
-from golden_mar import GOLDEN_DIR, GOLDEN_FILES, GoldenCheck, import_mar
+from conftest import golden_cases
+from golden_mar import GoldenCheck, import_mar
 from golden_mar_backbone import check_backbone
 from golden_mar_head import check_head
 from golden_mar_sampler import check_sampler
@@ -40,14 +41,9 @@ def check_golden_file(path) -> GoldenCheck:
   return check
 
 
-def _cases():
-  """One test id per file (its name in the id); a clean skip when the folder has none."""
-  return [pytest.param(p, id=p.name) for p in GOLDEN_FILES] or [pytest.param(
-      None, id="no-golden-files",
-      marks=pytest.mark.skip(reason=f"no mar_*.npz in {GOLDEN_DIR} (set ARJAX_GOLDEN_DIR)"))]
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("mar_*.npz"))
 def test_golden_mar(path):
   check = check_golden_file(path)
   worst = max(((k, v) for k, v in check.errors.items() if isinstance(v, float)),
@@ -79,7 +75,7 @@ def _perturbed(golden):
   return golden
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("mar_*.npz"))
 def test_a_tampered_golden_file_fails_naming_every_tampered_key(path, tmp_path):
   arrays = GoldenCheck(path).arrays
   perturbed = sorted({next(iter(fnmatch.filter(sorted(arrays), pattern)), None)

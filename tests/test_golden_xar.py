@@ -16,7 +16,6 @@ array's max |golden|), for keys it lists; otherwise integers and bools exactly, 
 1e-6, float32 within 1e-4 relative. An `out/*` key no check knows fails the file by name.
 """
 import json
-import os
 import pathlib
 import re
 
@@ -31,11 +30,8 @@ from arjax.families.xar.model import (XarModel, drop_labels, logit_normal_times,
                                       velocity_loss)
 from arjax.families.xar.sampler import entity_scales, sample_tokens, time_grid
 from arjax.layers import adaln, attention
-from conftest import REPO_ROOT
+from conftest import golden_cases
 
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-GOLDEN_FILES = sorted(GOLDEN_DIR.glob("xar_*.npz")) if GOLDEN_DIR.is_dir() else []
 DEFAULT_RTOL, ATOL_FLOAT64 = 1e-4, 1e-6
 _README_ROW = re.compile(r"^\| `(out/[^`]+)` \|[^|]*\|[^|]*\|[^|]*\| ([0-9.e+-]+) \|", re.M)
 
@@ -252,13 +248,9 @@ def check_golden_file(path) -> XarGolden:
   return g
 
 
-def _cases():
-  return [pytest.param(p, id=p.name) for p in GOLDEN_FILES] or [pytest.param(
-      None, id="no-golden-files",
-      marks=pytest.mark.skip(reason=f"no xar_*.npz in {GOLDEN_DIR} (set ARJAX_GOLDEN_DIR)"))]
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("xar_*.npz"))
 def test_golden_xar(path):
   g = check_golden_file(path)
   worst = max(((k, v) for k, v in g.errors.items() if isinstance(v, float)),
@@ -290,7 +282,7 @@ def _perturbed(golden):
   return golden
 
 
-@pytest.mark.parametrize("path", _cases())
+@pytest.mark.parametrize("path", golden_cases("xar_*.npz"))
 def test_a_tampered_golden_file_fails_naming_every_tampered_key(path, tmp_path):
   import fnmatch
   arrays = XarGolden(path).arrays
