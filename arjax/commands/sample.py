@@ -1,4 +1,5 @@
 """`sample`: restore a trained workdir and write class-conditional samples (npz + PNG grid)."""
+import hashlib
 import os
 
 import jax
@@ -12,6 +13,7 @@ from arjax.training import summary
 from arjax.util import progress as progress_lib
 from arjax.data import pipeline
 from arjax.util.image_grid import save_class_grid
+from arjax.commands import sample_parts
 
 
 def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
@@ -52,19 +54,62 @@ def sample_images(exp, params, labels: np.ndarray, *, progress: bool = True) -> 
   return np.concatenate(out)
 
 
-def run(exp, workdir: str) -> dict:
+def run(exp, workdir: str, *, progress: bool = True) -> dict:
+  """Draws config.sample.num_images images into workdir/samples.npz (+ PNG grids), batch by
+  batch through resumable per-process part files (`sample_parts`): a run killed part-way and
+  started again draws only the batches not yet written."""
   s, d = exp.config.sample, exp.config.data
   labels = parse_labels(s.labels, s.num_images, d.num_classes)
   params, step = restore_params(exp, workdir, s.use_ema)
-  if jax.process_index() == 0:
+  process, lead = jax.process_index(), jax.process_index() == 0
+  if lead:
     print(summary.sampling(exp.config, exp.mesh, workdir, step=step, num_images=len(labels)),
           flush=True)
-  images = sample_images(exp, params, labels, progress=jax.process_index() == 0)
+  num_batches = -(-len(labels) // s.batch_size)
+  directory = sample_parts.parts_dir(workdir)
+  if lead:
+    sample_parts.prepare(directory, _manifest(exp.config, step, labels),
+                         announce=lambda m: print(m, flush=True))
+  sample_parts.sync("sample_parts_ready")
+  done = sample_parts.all_processes(sample_parts.written(directory, num_batches, process))
+  if lead and done.any():
+    print(f"sample: resuming: {int(done.sum())} of {num_batches} batches are written already "
+          f"in {directory}", flush=True)
+  sampler = exp.sampler()
+  rng = jax.random.PRNGKey(s.seed)
+  todo = [b for b in range(num_batches) if not done[b]]
+  for batch in progress_lib.iterate(todo, desc="sample", unit="batch", enabled=progress and lead):
+    start = batch * s.batch_size
+    chunk = labels[start:start + s.batch_size]
+    padded = np.resize(chunk, s.batch_size)  # one compiled shape for every batch
+    images = sampler(params, padded, rng, first_index=start, cfg_scale=s.cfg_scale,
+                     cfg_schedule_name=s.cfg_schedule, temperature=s.temperature)
+    rows, ids = sample_parts.local_rows(images, len(chunk), start)
+    sample_parts.write_part(directory, batch, num_batches, process, pipeline.denormalize(rows),
+                            labels[ids], ids)
+  if lead:
+    print(f"sample: drew {len(todo)} of {num_batches} batches"
+          + (f" ({num_batches - len(todo)} written by an earlier run)" if len(todo) < num_batches
+             else ""), flush=True)
+  sample_parts.sync("sample_parts_written")
   npz, png = os.path.join(workdir, "samples.npz"), os.path.join(workdir, "samples.png")
   labelled = os.path.join(workdir, "samples_labelled.png")
-  if jax.process_index() == 0:  # every process holds all images; one writes them
-    np.savez(npz, images=images, labels=labels.astype(np.int64))
-    png = save_class_grid(png, images, labels)
-    plots.write_atomic(labelled, plots.class_grid_png(images, labels))
+  if lead:
+    shape = (d.image_size, d.image_size, d.channels)
+    grid_images, grid_labels = sample_parts.merge(directory, npz, num_batches, len(labels), shape)
+    png = save_class_grid(png, grid_images, grid_labels)
+    plots.write_atomic(labelled, plots.class_grid_png(grid_images, grid_labels))
+  sample_parts.sync("samples_merged")
   return {"npz": npz, "png": png, "labelled_png": labelled, "step": step,
-          "num_images": len(images)}
+          "num_images": len(labels)}
+
+
+def _manifest(config, step: int, labels: np.ndarray) -> dict:
+  """Everything that decides the images of a request: parts of another one are never mixed in."""
+  s = config.sample
+  return {"checkpoint_step": int(step), "num_images": int(len(labels)),
+          "labels_sha": hashlib.sha256(np.ascontiguousarray(labels, np.int64)).hexdigest(),
+          "sample": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+          "model": config.model.to_dict(), "head": config.head.to_dict(),
+          "tokenizer": config.tokenizer.to_dict(), "processes": jax.process_count(),
+          "devices": jax.device_count()}
