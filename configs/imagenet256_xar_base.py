@@ -90,6 +90,8 @@ def xar_imagenet256(size: str):
   s.cfg_interval = (0.0, 1.0)
   s.temperature = 1.0
   s.batch_size = 256
+  # The published row `eval` prints beside the numbers (arjax.evaluation.paper_metrics).
+  config.eval.paper_row = f"xAR-{size[0].upper()}"
   return config
 
 

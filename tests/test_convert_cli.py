@@ -25,10 +25,8 @@ import numpy as np
 import pytest
 
 import torch_files
-from conftest import REPO_ROOT
+from conftest import GOLDEN_DIR, REPO_ROOT
 
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 MAR_GOLDEN = GOLDEN_DIR / "mar_tiny.npz"
 VAE_GOLDEN = GOLDEN_DIR / "vae_tiny.npz"
 needs_golden = pytest.mark.skipif(not (MAR_GOLDEN.is_file() and VAE_GOLDEN.is_file()),

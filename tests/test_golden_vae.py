@@ -6,8 +6,6 @@ reproduced from `in/img` (README: "VAE (models/vae.py)"). Golden arrays are NCHW
 NHWC, so goldens are compared after `transpose(0, 2, 3, 1)`.
 """
 import json
-import os
-import pathlib
 import pickle
 
 import jax
@@ -17,9 +15,7 @@ import pytest
 from arjax.tokenizers import kl_vae_weights as convert_vae
 from arjax.tokenizers import kl_vae
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("ARJAX_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+from conftest import GOLDEN_DIR
 
 # max|ours - golden| / max|golden| in float32. The README's f32 noise floor for vae_tiny is at
 # most 1.4e-5 absolute on decode_mean (max 2.35), i.e. ~6e-6 relative, so 1e-4 is ample.

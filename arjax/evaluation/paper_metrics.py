@@ -35,6 +35,12 @@ PAPER_ROWS: Dict[str, Dict[str, float]] = {
     "MAR-B": {"fid": 2.31, "inception_score": 281.7, "precision": 0.82, "recall": 0.57},
     "MAR-L": {"fid": 1.78, "inception_score": 296.0, "precision": 0.81, "recall": 0.60},
     "MAR-H": {"fid": 1.55, "inception_score": 303.7, "precision": 0.81, "recall": 0.62},
+    # xAR (Ren et al. 2025, "Beyond Next-Token"), ImageNet 256x256 with CFG: the FIDs of its
+    # abstract and of the official repository's evaluation commands; the other columns are not
+    # taken from the paper's table here and print as '-'.
+    "xAR-B": {"fid": 1.72},
+    "xAR-L": {"fid": 1.28},
+    "xAR-H": {"fid": 1.24},
 }
 METRICS = ("fid", "inception_score", "precision", "recall")
 
@@ -105,7 +111,7 @@ def format_report(metrics: dict, paper_row: str = "") -> str:
     text = f"{value:.2f}" if name in ("fid", "inception_score") else f"{value:.3f}"
     row = f"{name:<16}{text:>10}"
     if paper:
-      row += f"{paper[name]:>16}"
+      row += f"{paper.get(name, '-'):>16}"
     lines.append(row)
   lines.append("")
   lines.append(f"{metrics['num_images']} samples against {metrics['reference']}"
