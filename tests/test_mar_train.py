@@ -10,6 +10,7 @@ from arjax.training import loop as train
 from arjax.families.masked import model as masked_ar
 from arjax.families.masked.backbone import MarBackbone
 from conftest import REPO_ROOT
+import family_testing
 
 
 def mar_config(variant="smoke", **overrides):
@@ -118,34 +119,10 @@ def test_sharded_mar_step_equals_single_device_step():
   """On data 2 x fsdp 2 x tensor 2, with the activations sharded by the rules too. (The head
   is the flow head; MAR's DDPM head shards alike, being the same AdaLN MLP. One mask bucket:
   the buckets are branches of one program, their equality is test_the_head_on_masked_... )"""
-  config = mar_config("smoke", model__mask_buckets=1)
-  config.train.num_steps = 100
-  single_mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
-                                  sharding.MESH_AXES)
-  single = train.Experiment(config, mesh=single_mesh)
-  state, shardings_1 = single.init_state()
-  step_1 = single.jit_step(shardings_1)
-  batch = random_batch(config)
-  for _ in range(4):  # leave the all-zero AdaLN init (see tests/test_train.py)
-    state, _ = step_1(state, sharding.global_batch(batch, single.mesh))
-  host_state = jax.device_get(state)
-
-  config.mesh.shape = (2, 2, 2)
-  sharded = train.Experiment(config)
-  _, shardings_8 = sharded.abstract_state()
-  state_8 = jax.device_put(host_state, shardings_8)
+  state_8 = family_testing.assert_sharded_step_equals_single_device_step(
+      mar_config("smoke", model__mask_buckets=1), (2, 2, 2))
   qkv = state_8.params["backbone"]["encoder_blocks_0"]["attn"]["query"]["kernel"]
   assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-  next_8, metrics_8 = sharded.jit_step(shardings_8)(
-      state_8, sharding.global_batch(batch, sharded.mesh))
-  next_1, metrics_1 = step_1(state, sharding.global_batch(batch, single.mesh))
-  np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(next_8.params), jax.tree.leaves(next_1.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert any(not np.allclose(a, b) for a, b in
-             zip(jax.tree.leaves(next_1.params), jax.tree.leaves(host_state.params)))
-
 
 class _DeterministicHead:
   """A head algorithm whose per-token loss draws nothing: a function of (x, z) alone, so the

@@ -12,20 +12,13 @@ from arjax.families.xar.backbone import XarBackbone
 from arjax.families.xar.entities import EntityLayout
 from arjax.families.xar.model import XarModel, to_raster, to_sequence
 from arjax.families.xar.sampler import entity_draws, entity_scales, sample_tokens, time_grid
-from arjax.parallel import sharding
 from arjax.training import loop as train
 from conftest import REPO_ROOT
+import family_testing
 
 
 def xar_config(variant="smoke"):
   return configs.load(str(REPO_ROOT / f"configs/digits_xar.py:{variant}"))
-
-
-def random_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  n = config.train.global_batch_size
-  return {"image": rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32),
-          "label": (np.arange(n) % 10).astype(np.int32)}
 
 
 def small_backbone(layout, **kw):
@@ -111,34 +104,9 @@ def test_perturbing_entity_e_leaves_every_output_before_it_unchanged():
 
 def test_sharded_xar_step_equals_single_device_step():
   """On data 2 x fsdp 2 x tensor 2, the activations sharded by the rules too."""
-  config = xar_config()
-  config.train.num_steps = 100
-  single_mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
-                                  sharding.MESH_AXES)
-  single = train.Experiment(config, mesh=single_mesh)
-  state, shardings_1 = single.init_state()
-  step_1 = single.jit_step(shardings_1)
-  batch = random_batch(config)
-  for _ in range(4):  # leave the all-zero AdaLN init
-    state, _ = step_1(state, sharding.global_batch(batch, single.mesh))
-  host_state = jax.device_get(state)
-
-  config.mesh.shape = (2, 2, 2)
-  sharded = train.Experiment(config)
-  _, shardings_8 = sharded.abstract_state()
-  state_8 = jax.device_put(host_state, shardings_8)
+  state_8 = family_testing.assert_sharded_step_equals_single_device_step(xar_config(), (2, 2, 2))
   query = state_8.params["backbone"]["encoder_blocks_0"]["attn"]["query"]["kernel"]
   assert query.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-  next_8, metrics_8 = sharded.jit_step(shardings_8)(
-      state_8, sharding.global_batch(batch, sharded.mesh))
-  next_1, metrics_1 = step_1(state, sharding.global_batch(batch, single.mesh))
-  np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(next_8.params), jax.tree.leaves(next_1.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert any(not np.allclose(a, b) for a, b in
-             zip(jax.tree.leaves(next_1.params), jax.tree.leaves(host_state.params)))
-
 
 def test_the_official_cfg_ramp_never_guides_the_first_entity():
   np.testing.assert_allclose(entity_scales(3.0, "linear", 4), [1, 5 / 3, 7 / 3, 3], rtol=1e-6)
@@ -197,18 +165,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
   config = xar_config()
   config.data.data_dir = data_dir
   config.model.attention_dropout = config.model.dropout = 0.1
-  config.train.num_steps = 4
-  config.train.checkpoint_every = 2
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  first_half = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=2)
-  assert int(first_half.step) == 2
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(jax.tree.leaves(first_half.params)[0]),
-                            np.asarray(jax.tree.leaves(resumed.params)[0]))
-
+  family_testing.assert_resume_continues_bit_for_bit(config, tmp_path)
 
 def test_scanned_remat_blocks_give_the_unrolled_numbers_and_decode_with_a_stacked_cache():
   from arjax.layers import transformer as layers
