@@ -74,10 +74,36 @@ class FamilyConverter(Converter):
   #: None: `--config` is required.
   default_config: Optional[str] = None
 
-  @abc.abstractmethod
+  #: What `state_dicts` logs for a file of one bare state dict (no 'model'/'model_ema').
+  bare_state_dict_note: str = "WARNING: {path} holds one bare state dict, not 'model'/'model_ema': it becomes both params and ema_params"
+
   def state_dicts(self, ckpt: "Checkpoint", log: Log) -> Tuple[StateDict, StateDict]:
     """(the trained weights, their EMA); the same object for both when the file has one only,
-    which `log` says."""
+    which `log` says. By default the official training scripts' layout: 'model' and
+    'model_ema' groups (MAR, xAR), or one bare state dict (released inference files)."""
+    # Imported here: this module stays jax-free (the family and tokenizer interfaces import it).
+    from arjax.weights.state_dict import CheckpointError  # pylint: disable=import-outside-toplevel
+    groups = {g: sd for g, sd in ckpt.state_dicts.items() if g}
+    bare = ckpt.state_dicts.get("", {})
+    model, ema = groups.get("model"), groups.get("model_ema")
+    if bare and (model is not None or ema is not None):
+      raise CheckpointError(f"{ckpt.path}: top-level arrays beside 'model'/'model_ema' "
+                            f"(e.g. {sorted(bare)[:3]}); a flat file keeps each state dict under "
+                            "'<group>/<name>' keys")
+    if model is None and ema is None:
+      if not bare:
+        raise CheckpointError(f"{ckpt.path}: no 'model' or 'model_ema' state dict (groups "
+                              f"found: {sorted(groups) or 'none'})")
+      log(self.bare_state_dict_note.format(path=ckpt.path))
+      return bare, bare
+    if model is None:
+      log(f"WARNING: {ckpt.path} has no 'model' state dict: params are a copy of 'model_ema'")
+      return ema, ema
+    if ema is None:
+      log(f"WARNING: {ckpt.path} has no 'model_ema' state dict: ema_params are a copy of "
+          "'model' (sampling with config.sample.use_ema=True uses the raw weights)")
+      return model, model
+    return model, ema
 
   def configure(self, config, ckpt: "Checkpoint", log: Log) -> Tuple[Any, List[str]]:
     """(a copy of `config` with the fields the file implies, e.g. from its saved training

@@ -258,30 +258,6 @@ class MarConverter(converter.FamilyConverter):
       return False
     return self.evidence in names or any(n.startswith("diffloss.") for n in names)
 
-  def state_dicts(self, ckpt, log):
-    groups = {g: sd for g, sd in ckpt.state_dicts.items() if g}
-    bare = ckpt.state_dicts.get("", {})
-    model, ema = groups.get("model"), groups.get("model_ema")
-    if bare and (model is not None or ema is not None):
-      raise CheckpointError(f"{ckpt.path}: top-level arrays beside 'model'/'model_ema' "
-                            f"(e.g. {sorted(bare)[:3]}); a flat file keeps each state dict under "
-                            "'<group>/<name>' keys")
-    if model is None and ema is None:
-      if not bare:
-        raise CheckpointError(f"{ckpt.path}: no 'model' or 'model_ema' state dict (groups "
-                              f"found: {sorted(groups) or 'none'})")
-      log(f"WARNING: {ckpt.path} holds one bare state dict, not 'model'/'model_ema': it becomes "
-          "both params and ema_params")
-      return bare, bare
-    if model is None:
-      log(f"WARNING: {ckpt.path} has no 'model' state dict: params are a copy of 'model_ema'")
-      return ema, ema
-    if ema is None:
-      log(f"WARNING: {ckpt.path} has no 'model_ema' state dict: ema_params are a copy of "
-          "'model' (sampling with config.sample.use_ema=True uses the raw weights)")
-      return model, model
-    return model, ema
-
   def configure(self, config, ckpt, log):
     derived = []
     if ckpt.args:

@@ -88,25 +88,8 @@ class XarConverter(converter.FamilyConverter):
     names = converter.parameter_names(ckpt)
     return "time_embed.mlp.0.weight" in names or any(".ada_lin.1." in n for n in names)
 
-  def state_dicts(self, ckpt, log):
-    groups = {g: sd for g, sd in ckpt.state_dicts.items() if g}
-    bare = ckpt.state_dicts.get("", {})
-    model, ema = groups.get("model"), groups.get("model_ema")
-    if bare and (model is not None or ema is not None):
-      raise CheckpointError(f"{ckpt.path}: top-level arrays beside 'model'/'model_ema' "
-                            f"(e.g. {sorted(bare)[:3]})")
-    if model is None and ema is None:
-      if not bare:
-        raise CheckpointError(f"{ckpt.path}: no state dict (groups found: "
-                              f"{sorted(groups) or 'none'})")
-      log(f"{ckpt.path} holds one bare state dict (as the released xAR-B/L/H.pth do): it "
-          "becomes both params and ema_params")
-      return bare, bare
-    if model is None or ema is None:
-      which, other = ("model_ema", "model") if model is None else ("model", "model_ema")
-      log(f"WARNING: {ckpt.path} has no {other!r} state dict: both are {which!r}")
-      return (ema, ema) if model is None else (model, model)
-    return model, ema
+  bare_state_dict_note = ("{path} holds one bare state dict (as the released xAR-B/L/H.pth do): "
+                           "it becomes both params and ema_params")
 
   def configure(self, config, ckpt, log):
     config = config.copy_and_resolve_references()
