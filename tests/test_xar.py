@@ -146,9 +146,15 @@ def test_the_family_samples_images_through_the_common_sampler_call():
 
 def test_a_per_token_head_is_a_config_error_naming_the_field():
   config = xar_config()
-  config.head.name = "flow"
-  config.head.t_mean, config.head.t_std = 0.0, 1.0
+  config.head = configs.load(str(REPO_ROOT / "configs/digits.py:smoke")).head  # a whole flow head
   with pytest.raises(ConfigError, match="config.head.name='flow'"):
+    registry.validate(config)
+
+
+def test_without_a_head_the_head_network_fields_are_unknown_keys():
+  config = xar_config()
+  config.head.width = 64
+  with pytest.raises(ConfigError, match=r"config.head.width: unknown key"):
     registry.validate(config)
 
 

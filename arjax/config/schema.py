@@ -58,11 +58,6 @@ SCHEMA: Schema = {
     "data.latents": ((str, type(None)), None, ""),
     "model.label_drop": ((float, int), _prob, "in [0, 1)"),
     "model.dtype": ((str,), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
-    "head.width": ((int,), _pos, "> 0"),
-    "head.depth": ((int,), _pos, "> 0"),
-    "head.batch_mul": ((int,), _pos, "> 0"),
-    # Dropout in the head's residual blocks, in training only; 0 = none.
-    "head.dropout": ((float, int), _prob, "in [0, 1)"),
     "train.global_batch_size": ((int,), _pos, "> 0"),
     "train.num_steps": ((int,), _pos, "> 0"),
     "train.learning_rate": ((float, int), _pos, "> 0"),

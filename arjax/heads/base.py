@@ -23,12 +23,23 @@ summary count it without knowing which head it is.
 import abc
 from typing import Any, Dict
 
-from arjax.config.schema import Plugin
+from arjax.config.schema import Plugin, positive, probability
+
+# The fields of a head that is a small network on top of z (flow, MAR's DDPM, shortcut): such a
+# head's `schema` starts from these. A family without a head ('none') has none of them.
+NETWORK_SCHEMA = {
+    "head.width": ((int,), positive, "> 0"),
+    "head.depth": ((int,), positive, "> 0"),
+    # Noise/time draws per backbone output z in training (MAR's diffusion_batch_mul).
+    "head.batch_mul": ((int,), positive, "> 0"),
+    # Dropout in the head's residual blocks, in training only; 0 = none.
+    "head.dropout": ((float, int), probability, "in [0, 1)"),
+}
 
 
 class Head(Plugin, abc.ABC):
   """A per-token head: its config fields (`name` is `config.head.name`; `schema` its own
-  `config.head.*` fields: head.width, head.depth, head.batch_mul are shared), its network and
+  `config.head.*` fields, `NETWORK_SCHEMA`'s among them for a network head), its network and
   algorithm, its FLOPs."""
 
   #: Whether `config.sample.solver` applies (an ODE head) or its steps are fixed (DDPM).

@@ -370,6 +370,7 @@ class MarDiffusionHead(base.Head):
   name = "mar_diffusion"
   uses_solver = False
   schema = {
+      **base.NETWORK_SCHEMA,
       "head.num_timesteps": ((int,), lambda v: v > 0, "> 0"),
       "head.noise_schedule": ((str,), lambda v: v in ("cosine", "linear"),
                               "'cosine' or 'linear'"),

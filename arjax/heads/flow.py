@@ -150,6 +150,7 @@ class FlowHead(base.Head):
   """`head.name='flow'`: FlowHeadNet + FlowMatching, the logit-normal time law in config."""
   name = "flow"
   schema = {
+      **base.NETWORK_SCHEMA,
       "head.t_mean": ((float, int), None, ""),
       "head.t_std": ((float, int), lambda v: v > 0, "> 0"),
   }

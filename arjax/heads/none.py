@@ -4,8 +4,8 @@ xAR's Transformer is itself the flow model: it takes the noisy entities and the 
 outputs a velocity per token, so there is no small network on top of a z. Such a family
 selects this head; its `build` gives (None, None) (the family's model holds no 'head'
 subtree), it costs nothing, and the sampler's network calls per token are the family's
-`sample.num_steps` (Heun: twice). The shared `head.*` fields (width, depth, batch_mul,
-dropout) are still part of every config's schema; with this head nothing reads them.
+`sample.num_steps` (Heun: twice). Its config is `head.name` alone: the network fields of the
+other heads (width, depth, batch_mul, dropout: `base.NETWORK_SCHEMA`) are unknown keys here.
 """
 from arjax.heads import base
 

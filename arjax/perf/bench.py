@@ -412,7 +412,7 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
   }
   report.update(extra)
   if mode == "train":
-    report["batch_mul"] = config.head.batch_mul
+    report["batch_mul"] = config.head.get("batch_mul")  # None: no head (xAR)
   else:
     s = config.sample
     report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
