@@ -1,0 +1,106 @@
+"""The next-scale family (FlowAR; M-VAR's linear inter-scale mixing as an option) as a plug-in.
+
+`model.family='scale'`. FlowAR ("Scale-wise Autoregressive Image Generation Meets Flow
+Matching", Ren et al. 2024) generates a token map coarse to fine: the scales are the map
+area-averaged to doubling sides (`pyramid.py`), a Transformer with block-causal attention over
+the concatenated scales reads the class and the up-sampled previous scale and gives a z per
+token of the next one (`backbone.py`), and a flow-matching head draws that scale's tokens given
+their z (`model.py`, the registry's per-token head: `head.name='flow'`). Sampling is one jitted
+program of K cached backbone calls (`sampler.py`). M-VAR ("M-VAR: Decoupled Scale-wise
+Autoregressive Modeling", Ren et al. 2024) keeps attention bidirectional inside a scale and
+mixes across scales with a linear-cost recurrent layer: `model.mixer='hybrid'`
+(`arjax.layers.linear_attention`).
+
+The tokenizer's map must be square; the last of `model.scales` is its side (the pyramid's
+finest scale is the map itself). `model.scales=()` means FlowAR's doubling 1, 2, 4, ..., side.
+"""
+import functools
+import math
+
+from arjax.config.schema import positive
+from arjax.errors import ConfigError
+from arjax.families import base
+from arjax.families.scale.backbone import MIXERS, ScaleBackbone
+from arjax.families.scale.model import ScaleModel, scale_loss
+from arjax.families.scale.pyramid import UPSAMPLINGS, ScalePyramid, doubling_sides
+from arjax.families.scale.sampler import ScaleSampler
+
+
+def _increasing_sides(v) -> bool:
+  return (all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v)
+          and all(a < b for a, b in zip(v, v[1:])))
+
+
+def pyramid_from_config(config, tokenizer) -> ScalePyramid:
+  """The pyramid of `config.model.scales` on the tokenizer's square map; ConfigError naming the
+  field when they do not fit."""
+  side = math.isqrt(tokenizer.num_tokens)
+  if side * side != tokenizer.num_tokens:
+    raise ConfigError(f"the scale family needs a square token map; the tokenizer gives "
+                      f"{tokenizer.num_tokens} tokens")
+  sides = tuple(config.model.scales) or doubling_sides(side)
+  if sides[-1] != side:
+    raise ConfigError(f"config.model.scales={tuple(config.model.scales)}: the last scale must be "
+                      f"the token map's side, {side} (the tokenizer gives {side} x {side})")
+  return ScalePyramid(sides, upsample=config.model.upsample)
+
+
+class ScaleFamily(base.Family):
+  """`model.family='scale'`."""
+  name = "scale"
+  cond_width_field = "width"
+  head_splits = (("width", "num_heads"),)
+  schema = {
+      "model.width": ((int,), positive, "> 0"),
+      "model.depth": ((int,), positive, "> 0"),
+      "model.num_heads": ((int,), positive, "> 0"),
+      "model.mlp_ratio": ((float, int), positive, "> 0"),
+      # Sides of the scales, coarse to fine, the last the token map's side; () = doubling.
+      "model.scales": ((tuple, list), _increasing_sides,
+                       "positive integers, strictly increasing (() = doubling 1, 2, 4, ...)"),
+      # How scale k-1 becomes scale k's AR input (arjax/families/scale/pyramid.py).
+      "model.upsample": ((str,), lambda v: v in UPSAMPLINGS, f"one of {UPSAMPLINGS}"),
+      # 'attention': block-causal attention (FlowAR); 'hybrid': intra-scale attention and a
+      # gated linear attention across scales (M-VAR).
+      "model.mixer": ((str,), lambda v: v in MIXERS, f"one of {MIXERS}"),
+      # Chunk length of the linear attention's chunk-parallel form (hybrid only).
+      "model.chunk_size": ((int,), positive, "> 0"),
+      **base.BLOCK_STACK_SCHEMA,
+  }
+
+  def check(self, config) -> None:
+    super().check(config)
+    if config.head.name == "none":
+      raise ConfigError("config.head.name='none': the scale family draws each scale's tokens "
+                        "with a per-token head; use 'flow' (or 'mar_diffusion')")
+
+  def build(self, config, tokenizer, head_net, head):
+    m = config.model
+    backbone = ScaleBackbone(
+        pyramid=pyramid_from_config(config, tokenizer), token_dim=tokenizer.token_dim,
+        width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+        num_classes=config.data.num_classes, mixer=m.mixer, chunk_size=m.chunk_size,
+        dtype=base.compute_dtype(config), scan_layers=m.scan_layers, remat=m.remat,
+        attention_dropout=m.attention_dropout, dropout=m.dropout)
+    model = ScaleModel(backbone=backbone, head=head_net)
+    loss = functools.partial(scale_loss, model=model, head=head, label_drop=m.label_drop,
+                             num_classes=config.data.num_classes)
+    return model, loss
+
+  def sampler(self, model, head, tokenizer, config):
+    s = config.sample
+    return ScaleSampler(model, head, tokenizer, num_steps=s.num_steps, solver=s.solver,
+                        cfg_interval=tuple(s.cfg_interval))
+
+  def stack_depths(self, config):
+    return (("model", "depth"), ("head", "depth"))
+
+  def describe_line(self, config):
+    m = config.model
+    scales = tuple(m.scales) or "doubling"
+    return (f"scale: scales {scales}, {m.mixer} mixer, {m.width} x {m.depth} "
+            f"({m.num_heads} heads)")
+
+  def report_fields(self, config):
+    return {"scales": list(config.model.scales), "mixer": config.model.mixer,
+            "solver": config.sample.solver}
