@@ -60,5 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model = scale_model(32, 2, 2, scales=(1, 2, 4), mixer=mixer)
     config.model.attention_dropout = config.model.dropout = 0.0
   else:
-    config.model = scale_model(128, 6, 4, scales=(1, 2, 4), mixer=mixer)
+    # 4 blocks (the causal default has 6): the head sees 21 tokens per digit instead of 16, and
+    # 4 blocks keep the step at the causal default's cost (~34 GFLOP).
+    config.model = scale_model(128, 4, 4, scales=(1, 2, 4), mixer=mixer)
   return config
