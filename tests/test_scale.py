@@ -269,3 +269,22 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
   assert int(resumed.step) == 4
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("size,millions", [("small", 164), ("base", 303), ("large", 599),
+                                           ("huge", 1886)])
+def test_the_imagenet_configs_validate_and_build_at_flowars_sizes(size, millions):
+  """FlowAR-S/B/L/H: about 170M / 300M / 589M / 1.9B parameters in the paper."""
+  config = configs.load(str(REPO_ROOT / f"configs/imagenet256_flowar_{size}.py"))
+  registry.validate(config)
+  assert tuple(config.model.scales) == (1, 2, 4, 8, 16)
+  tokenizer = registry.make_tokenizer(config.tokenizer, config.data, abstract=True)
+  model, _, _ = registry.build_model(config, tokenizer)
+  family = registry.family(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             *family.example_inputs(tokenizer))["params"])
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  assert abs(count / 1e6 - millions) < 0.01 * millions
+  hybrid = configs.load(str(REPO_ROOT / f"configs/imagenet256_flowar_{size}.py:hybrid"))
+  registry.validate(hybrid)
+  assert hybrid.model.mixer == "hybrid"

@@ -23,7 +23,7 @@ from arjax.families import base
 from arjax.families.scale.backbone import MIXERS, ScaleBackbone
 from arjax.families.scale.model import ScaleModel, scale_loss
 from arjax.families.scale.pyramid import UPSAMPLINGS, ScalePyramid, doubling_sides
-from arjax.families.scale.sampler import ScaleSampler
+from arjax.families.scale.sampler import ScaleSampler, sample_scales
 
 
 def _increasing_sides(v) -> bool:
@@ -91,6 +91,39 @@ class ScaleFamily(base.Family):
     s = config.sample
     return ScaleSampler(model, head, tokenizer, num_steps=s.num_steps, solver=s.solver,
                         cfg_interval=tuple(s.cfg_interval))
+
+  def flops(self, config, tokenizer, head_kind, mode, batch_size):
+    """Counted from the programs' jaxprs (`Family.flops`); a sampler call is counted on the
+    tokens it draws, `sample_scales`, without the tokenizer's decoder (not model FLOPs, and a
+    VAE tokenizer built abstract has no weights to trace it with)."""
+    if mode != "sample":
+      return super().flops(config, tokenizer, head_kind, mode, batch_size)
+    # pylint: disable=import-outside-toplevel
+    import jax
+    import flax.linen as nn
+    import numpy as np
+    from arjax.sampling.base import head_with_solver
+    from arjax.util import jaxpr_flops
+
+    net, algorithm = head_kind.build(config, token_dim=tokenizer.token_dim,
+                                     cond_width=self.cond_width(config),
+                                     dtype=base.compute_dtype(config))
+    model, _ = self.build(config, tokenizer, net, algorithm)
+    params = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.PRNGKey(0), *self.example_inputs(tokenizer))["params"]))
+    s = config.sample
+    guided = s.cfg_scale != 1.0
+    sampler = self.sampler(model, algorithm, tokenizer, config)
+    scales = sampler.guidance_scales(s.cfg_scale, s.cfg_schedule)
+    labels = np.arange(batch_size) % config.data.num_classes
+    counted = jaxpr_flops.count(
+        lambda p: sample_scales(p, labels, jax.random.PRNGKey(0), scales, s.temperature,
+                                model=model, head=head_with_solver(algorithm, s.solver),
+                                guided=guided, num_steps=s.num_steps,
+                                cfg_interval=tuple(s.cfg_interval)), params, modules=("head",))
+    head_flops = counted.by_module["head"]
+    return {"backbone": int(counted.flops - head_flops), "head": int(head_flops),
+            "total": int(counted.flops)}
 
   def stack_depths(self, config):
     return (("model", "depth"), ("head", "depth"))
