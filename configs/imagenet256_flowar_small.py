@@ -13,8 +13,9 @@ flow matching per scale conditioned on the Transformer's output for that scale, 
 
 arjax's choices (the paper's exact widths, depths, optimizer and head were not available
 offline when this was written; `python -m arjax describe` gives the sizes these make):
-width / depth / heads per size in SIZES below; the per-token flow-MLP head of the registry
-(`head.name='flow'`, 1024 x 6) instead of FlowAR's spatially adaptive flow Transformer; AdaLN on
+width / depth / heads per size in SIZES below; the per-scale flow Transformer with spatially
+adaptive AdaLN (`model.flow_net='scale'`, arjax/families/scale/flow_net.py) at 768 x 6 for every
+size (FlowAR's flow-net sizes were not available); AdaLN on
 the class in every block; learned position and scale embeddings; nearest-neighbour
 up-sampling; the MAR-like optimizer of configs/imagenet256.py (batch 1024, lr 8e-4 constant after
 10k warmup steps, AdamW b2 0.95, EMA 0.9999); 50 Heun steps per token, CFG on MAR's linear
@@ -37,9 +38,9 @@ from arjax.config import hardware
 
 # name -> (width, depth, heads, CFG scale): arjax's choice, at the paper's parameter counts.
 SIZES = {
-    "small": (768, 12, 12, 3.0),
-    "base": (1024, 14, 16, 3.0),
-    "large": (1280, 19, 16, 3.0),
+    "small": (768, 11, 12, 3.0),
+    "base": (1024, 13, 16, 3.0),
+    "large": (1280, 18, 16, 3.0),
     "huge": (1792, 32, 28, 3.0),
 }
 
@@ -67,7 +68,11 @@ def flowar_imagenet256(size: str, mixer: str = "attention"):
   m.chunk_size = 64
   m.attention_dropout = m.dropout = 0.0
   m.dtype = "bfloat16"
-  config.head.dropout = 0.0
+  # FlowAR's flow Transformer over each scale (spatially adaptive AdaLN): 768 wide, 6 blocks,
+  # 12 heads, 4 draws per image (arjax's choice).
+  m.flow_net, m.flow_heads = "scale", 12
+  h = config.head
+  h.width, h.depth, h.batch_mul, h.dropout = 768, 6, 4, 0.0
 
   s = config.sample
   s.cfg_scale = cfg

@@ -14,6 +14,7 @@ from arjax.families.scale.pyramid import (ScalePyramid, area_matrix, doubling_si
                                           upsample_matrix)
 from arjax.families.scale.sampler import sample_scales
 from arjax.heads.flow import FlowHeadNet, FlowMatching
+from arjax.families.scale.flow_net import ScaleFlowNet
 from arjax.families.scale.model import ScaleModel
 from arjax.parallel import sharding
 from arjax.training import loop as train
@@ -159,9 +160,13 @@ def test_scanned_remat_blocks_give_the_unrolled_numbers_and_decode_with_a_stacke
 
 # ---------------------------------------------------------------- the sampler
 
-def test_an_image_is_independent_of_its_batch_under_guidance():
+@pytest.mark.parametrize("flow_net", ["token", "scale"])
+def test_an_image_is_independent_of_its_batch_under_guidance(flow_net):
+  """With the per-token head and with FlowAR's flow net over whole scales."""
   backbone = small_backbone("attention")
-  model = ScaleModel(backbone, FlowHeadNet(token_dim=3, width=16, depth=1))
+  net = (FlowHeadNet(token_dim=3, width=16, depth=1) if flow_net == "token" else
+         ScaleFlowNet(token_dim=3, width=16, depth=1, num_heads=2))
+  model = ScaleModel(backbone, net, flow_net=flow_net)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), random_map(1, 4),
                                jnp.zeros((1,), jnp.int32))["params"]
   params = dict(nn_unbox(params), backbone=random_params(backbone))
@@ -183,7 +188,10 @@ def nn_unbox(tree):
 
 
 def test_the_family_samples_images_through_the_common_sampler_call():
-  exp = train.Experiment(scale_config("hybrid_smoke"))
+  """The hybrid mixer with the per-token head (the smoke default is FlowAR's scale flow net)."""
+  config = scale_config("hybrid_smoke")
+  config.model.flow_net = "token"
+  exp = train.Experiment(config)
   state, _ = exp.init_state()
   images = exp.sampler()(state.params, np.array([0, 7, 9]), jax.random.PRNGKey(0),
                          cfg_scale=2.0, cfg_schedule_name="linear")
@@ -205,6 +213,13 @@ def test_a_bad_model_field_is_an_error_naming_it(field, value, message):
   with pytest.raises(ConfigError, match=message):
     registry.validate(config)
     train.Experiment(config)
+
+
+def test_the_scale_flow_net_runs_the_flow_heads_algorithm_with_heads_that_split_its_width():
+  config = scale_config()
+  config.model.flow_heads = 3
+  with pytest.raises(ConfigError, match="config.model.flow_heads=3"):
+    registry.validate(config)
 
 
 def test_the_family_needs_a_per_token_head():

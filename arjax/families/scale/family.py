@@ -21,9 +21,12 @@ from arjax.config.schema import positive
 from arjax.errors import ConfigError
 from arjax.families import base
 from arjax.families.scale.backbone import MIXERS, ScaleBackbone
-from arjax.families.scale.model import ScaleModel, scale_loss
+from arjax.families.scale.flow_net import ScaleFlowNet
+from arjax.families.scale.model import ScaleModel, scale_flow_loss, scale_loss
 from arjax.families.scale.pyramid import UPSAMPLINGS, ScalePyramid, doubling_sides
 from arjax.families.scale.sampler import ScaleSampler, sample_scales
+
+FLOW_NETS = ("token", "scale")
 
 
 def _increasing_sides(v) -> bool:
@@ -65,6 +68,12 @@ class ScaleFamily(base.Family):
       "model.mixer": ((str,), lambda v: v in MIXERS, f"one of {MIXERS}"),
       # Chunk length of the linear attention's chunk-parallel form (hybrid only).
       "model.chunk_size": ((int,), positive, "> 0"),
+      # 'token': the registry head draws each token on its own given its z; 'scale': FlowAR's
+      # flow Transformer over each whole scale (spatially adaptive AdaLN; flow_net.py), with
+      # config.head's width, depth, dropout and the flow head's algorithm.
+      "model.flow_net": ((str,), lambda v: v in FLOW_NETS, f"one of {FLOW_NETS}"),
+      # Attention heads of the 'scale' flow net (config.head.width splits into them).
+      "model.flow_heads": ((int,), positive, "> 0"),
       **base.BLOCK_STACK_SCHEMA,
   }
 
@@ -73,6 +82,13 @@ class ScaleFamily(base.Family):
     if config.head.name == "none":
       raise ConfigError("config.head.name='none': the scale family draws each scale's tokens "
                         "with a per-token head; use 'flow' (or 'mar_diffusion')")
+    if config.model.flow_net == "scale":
+      if config.head.name != "flow":
+        raise ConfigError(f"config.head.name={config.head.name!r}: config.model.flow_net='scale' "
+                          "runs the flow head's algorithm; use 'flow'")
+      if config.head.width % config.model.flow_heads:
+        raise ConfigError(f"config.head.width={config.head.width} does not split into "
+                          f"config.model.flow_heads={config.model.flow_heads} heads")
 
   def build(self, config, tokenizer, head_net, head):
     m = config.model
@@ -82,8 +98,14 @@ class ScaleFamily(base.Family):
         num_classes=config.data.num_classes, mixer=m.mixer, chunk_size=m.chunk_size,
         dtype=base.compute_dtype(config), scan_layers=m.scan_layers, remat=m.remat,
         attention_dropout=m.attention_dropout, dropout=m.dropout)
-    model = ScaleModel(backbone=backbone, head=head_net)
-    loss = functools.partial(scale_loss, model=model, head=head, label_drop=m.label_drop,
+    if m.flow_net == "scale":  # FlowAR's flow Transformer in place of the registry's net
+      h = config.head
+      head_net = ScaleFlowNet(token_dim=tokenizer.token_dim, width=h.width, depth=h.depth,
+                              num_heads=m.flow_heads, dtype=base.compute_dtype(config),
+                              dropout=h.dropout)
+    model = ScaleModel(backbone=backbone, head=head_net, flow_net=m.flow_net)
+    objective = scale_flow_loss if m.flow_net == "scale" else scale_loss
+    loss = functools.partial(objective, model=model, head=head, label_drop=m.label_drop,
                              num_classes=config.data.num_classes)
     return model, loss
 
@@ -132,7 +154,7 @@ class ScaleFamily(base.Family):
     m = config.model
     scales = tuple(m.scales) or "doubling"
     return (f"scale: scales {scales}, {m.mixer} mixer, {m.width} x {m.depth} "
-            f"({m.num_heads} heads)")
+            f"({m.num_heads} heads), flow net per {m.flow_net}")
 
   def report_fields(self, config):
     return {"scales": list(config.model.scales), "mixer": config.model.mixer,

@@ -38,7 +38,6 @@ def sample_scales(params, labels, rng, cfg_scales, temperature, *, model: ScaleM
   the token map). `cfg_scales` [K] is read only when `guided`."""
   pyramid = model.backbone.pyramid
   apply = functools.partial(model.apply, {"params": params})
-  net_fn = lambda x_t, t, zz: apply(x_t, t, zz, method=ScaleModel.head_net)
   if image_ids is None:
     image_ids = jnp.arange(labels.shape[0])
   row_keys = image_keys(rng, image_ids)
@@ -53,6 +52,7 @@ def sample_scales(params, labels, rng, cfg_scales, temperature, *, model: ScaleM
       inputs = jnp.concatenate([inputs, inputs])
     z, cache = apply(inputs, fed_labels, cache, k, method=ScaleModel.decode)  # [B', size, W]
     z = z.reshape(-1, z.shape[-1])  # guided: conditional rows first, as the head expects
+    net_fn = lambda x_t, t, zz, n=size: apply(x_t, t, zz, n, method=ScaleModel.head_rows)
     scale_keys = noise_draws.fold_in(row_keys, k)
     keys = jax.vmap(lambda key: noise_draws.fold_in_each(key, jnp.arange(size)))(scale_keys)
     x = head.sample(net_fn, z, keys.reshape((batch * size,) + keys.shape[2:]),
