@@ -2,8 +2,8 @@
 
 FlowAR (Ren et al. 2024, "Scale-wise Autoregressive Image Generation Meets Flow Matching")
 reports FID 3.61 / 2.90 / 1.90 / 1.65 for FlowAR-S / B / L / H with CFG, at about 170M / 300M /
-589M / 1.9B parameters; SIZES below are sized to those counts (describe: 164M / 303M / 599M /
-1.89B, the head included, the VAE not).
+589M / 1.9B parameters; SIZES below are sized to those counts (describe: 170M / 300M / 586M /
+1.91B, the 52M flow net included, the VAE not).
 
 From the paper: the scales are the doubling sides 1, 2, 4, 8, 16 of an off-the-shelf VAE's
 16 x 16 latent (here MAR's KL-16, 16 channels: the scale pyramid of
