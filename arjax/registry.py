@@ -25,6 +25,7 @@ from arjax.errors import ConfigError
 from arjax.families.base import Family, compute_dtype
 from arjax.families.causal.family import CausalFamily
 from arjax.families.masked.family import MaskedFamily
+from arjax.families.scale.family import ScaleFamily
 from arjax.families.xar.family import XarFamily
 from arjax.heads.base import Head
 from arjax.heads.diffusion import MarDiffusionHead
@@ -39,6 +40,7 @@ FAMILIES: Dict[str, Family] = {
     "causal": CausalFamily(),   # raster order, KV cache (arjax/families/causal)
     "mar": MaskedFamily(),      # MAR's masked random order (arjax/families/masked)
     "xar": XarFamily(),         # next-X entities, noisy context, no head (arjax/families/xar)
+    "scale": ScaleFamily(),     # next-scale: FlowAR, M-VAR's hybrid mixer (arjax/families/scale)
 }
 
 HEADS: Dict[str, Head] = {
