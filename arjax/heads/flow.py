@@ -54,7 +54,9 @@ class FlowHeadNet(nn.Module):
   dropout: float = 0.0  # in the residual blocks, training only
 
   @nn.compact
-  def __call__(self, x_t, t, z):
+  def __call__(self, x_t, t, z, extra=None):
+    """`extra` [1 or N, width]: a further embedding added to the condition c (the shortcut
+    head's step size, arjax/heads/shortcut.py)."""
     dense = lambda feats, axes, name: dense_lib.dense(feats, axes, dtype=self.dtype, name=name)
     t_emb = adaln.timestep_embedding(t, 256, time_scale=1000.0).astype(self.dtype)
     t_emb = dense(self.width, ("mlp", "mlp_out"), "time_mlp2")(
@@ -62,6 +64,8 @@ class FlowHeadNet(nn.Module):
     h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
     c = t_emb + shared_condition(
         dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
+    if extra is not None:
+      c = c + extra.astype(self.dtype)
     if self.is_initializing():  # init creates each block's own Dense
       modulations = [None] * self.depth + [adaln.modulation_layer(
           self.width, 2, name="final_modulation", dtype=self.dtype)(nn.silu(c))]
