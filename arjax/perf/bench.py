@@ -474,6 +474,9 @@ def format_table(r: dict) -> str:
     # The DDPM head's steps are its respacing; a solver only applies to the flow head's ODE.
     solver = "DDPM" if r["solver"] is None else r["solver"]
     what = f"batch {r['batch_size']}, {solver} {r['num_steps']} steps, cfg {r['cfg_scale']}"
+    if r.get("head_step_schedule", "constant") != "constant":  # DiSA
+      what += (f", head steps {r['head_step_schedule']} -> {r['head_steps_end']} "
+               f"({r['head_evaluations']} evaluations per token)")
   rows = [
       f"bench {r['mode']}  {r['config'] or ''}  {what}",
       f"  device      {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax_version']}",
