@@ -14,7 +14,10 @@ from conftest import REPO_ROOT
 
 
 def arjax(*args, data_dir, check=True):
-  env = dict(os.environ, ARJAX_DATA_DIR=data_dir, PYTHONUNBUFFERED="1")
+  # One CPU device, as a user's laptop has (and tests/test_same_samples.py runs): the smoke
+  # programs are then the ones that test compiles too, shared through the compilation cache.
+  env = dict(os.environ, ARJAX_DATA_DIR=data_dir, PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run([sys.executable, "-m", "arjax", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
   if check and result.returncode != 0:

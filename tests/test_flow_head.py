@@ -34,7 +34,7 @@ def trained():
   head = FlowMatching(token_dim=2, batch_mul=2)
   z0 = jnp.zeros((1, 3))
   params = nn.meta.unbox(net.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)), z0)["params"])
-  tx = optax.adam(optax.cosine_decay_schedule(3e-3, 3000))
+  tx = optax.adam(optax.cosine_decay_schedule(3e-3, 2000))
   opt_state = tx.init(params)
 
   def net_fn(p):
@@ -54,7 +54,7 @@ def trained():
     return params, opt_state, losses
 
   rng = jax.random.PRNGKey(1)
-  for i in range(6):
+  for i in range(4):
     params, opt_state, losses = steps(params, opt_state, jax.random.fold_in(rng, i))
   return head, net_fn(params), float(losses[-50:].mean())
 

@@ -116,8 +116,9 @@ def test_train_step_compiles_once_over_50_steps_of_changing_masks():
 
 def test_sharded_mar_step_equals_single_device_step():
   """On data 2 x fsdp 2 x tensor 2, with the activations sharded by the rules too. (The head
-  is the flow head; MAR's DDPM head shards alike, being the same AdaLN MLP.)"""
-  config = mar_config("smoke")
+  is the flow head; MAR's DDPM head shards alike, being the same AdaLN MLP. One mask bucket:
+  the buckets are branches of one program, their equality is test_the_head_on_masked_... )"""
+  config = mar_config("smoke", model__mask_buckets=1)
   config.train.num_steps = 100
   single_mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                   sharding.MESH_AXES)

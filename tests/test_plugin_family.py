@@ -44,7 +44,9 @@ def _toy_config():
 
 
 def arjax(*args, data_dir, plugins="toy_family"):
+  # One CPU device (as tests/test_cli.py): a plug-in's commands need no mesh to be shown working.
   env = dict(os.environ, ARJAX_DATA_DIR=data_dir, PYTHONUNBUFFERED="1", ARJAX_PLUGINS=plugins,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
   return subprocess.run([sys.executable, "-m", "arjax", *args], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)

@@ -126,7 +126,7 @@ def saved_on_4x2(data_dir, tmp_path_factory):
   return workdir, params, jax.tree.map(np.asarray, third.params)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 2), (1, 8, 1), (1, 1, 1)])
+@pytest.mark.parametrize("shape", [(1, 2, 2), (1, 1, 1)])  # fewer devices, tensor-sharded; one
 def test_a_checkpoint_restores_onto_another_mesh_and_training_continues(
     saved_on_4x2, data_dir, tmp_path, shape):
   workdir, params, reference_third = saved_on_4x2
