@@ -85,7 +85,8 @@ def _sampler(built, **sample):
 
 
 LABELS = np.array([0, 3, 7, 9])
-CASES = {"causal": "configs/digits.py:smoke", "mar": "configs/digits_mar.py:smoke"}
+CASES = {"causal": "configs/digits.py:smoke", "mar": "configs/digits_mar.py:smoke",
+         "xar": "configs/digits_xar.py:smoke"}  # xAR: one unit per entity
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
