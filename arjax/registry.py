@@ -31,6 +31,7 @@ from arjax.heads.base import Head
 from arjax.heads.diffusion import MarDiffusionHead
 from arjax.heads.flow import FlowHead
 from arjax.heads.none import NoHead
+from arjax.heads.shortcut import ShortcutHead
 from arjax.tokenizers.base import TokenizerKind
 from arjax.tokenizers.kl_vae import KLVAEKind
 from arjax.tokenizers.patchify import PatchifyKind
@@ -47,6 +48,7 @@ HEADS: Dict[str, Head] = {
     "flow": FlowHead(),                   # flow matching, ODE sampler (arjax/heads/flow.py)
     "mar_diffusion": MarDiffusionHead(),  # MAR's DiffLoss, DDPM (arjax/heads/diffusion.py)
     "none": NoHead(),                     # the backbone is the whole model (arjax/heads/none.py)
+    "shortcut": ShortcutHead(),           # FAR's few-step shortcut head (arjax/heads/shortcut.py)
 }
 
 TOKENIZERS: Dict[str, TokenizerKind] = {

@@ -139,7 +139,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # models sample narrower than the data at 1).
   config.sample.temperature = 1.15
   config.sample.num_steps = 16
+  # 'euler', 'heun' (ODE) or 'euler_maruyama' (the flow head's reverse SDE).
   config.sample.solver = "heun"
+  # The SDE's noise: c in g(t)^2 = 2 c t (arjax/heads/flow.py); 'euler_maruyama' only.
+  config.sample.diffusion_scale = 1.0
+  # DiSA: the head's steps along the generation order, 'constant' (num_steps everywhere),
+  # 'linear' or 'cosine' (num_steps at the first position / iteration -> head_steps_end at the
+  # last), or a tuple with one count per position / iteration (arjax/sampling/step_schedule.py).
+  config.sample.head_step_schedule = "constant"
+  config.sample.head_steps_end = 4
   config.sample.seed = 0
   config.sample.batch_size = 500
   # Sample with the EMA parameters (True) or the raw ones.

@@ -28,7 +28,7 @@ COMMON_FIELDS = {
     "achieved_flops_per_s", "peak_flops_per_s", "peak_dtype", "mfu", "datasheet_peak_flops_per_s",
     "mfu_datasheet", "peak_memory_bytes", "profile_dir"}
 SAMPLE_FIELDS = {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "num_steps", "solver",
-                 "temperature", "head_evaluations"}
+                 "temperature", "head_evaluations", "head_step_schedule", "head_steps_end"}
 MODE_FIELDS = {
     "train": {"batch_mul"},
     "sample": SAMPLE_FIELDS,

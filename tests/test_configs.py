@@ -9,7 +9,7 @@ from arjax import registry
 from arjax.config import schema as configs
 from conftest import REPO_ROOT
 
-CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py"]
+CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py", "digits_shortcut.py"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

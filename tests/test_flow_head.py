@@ -59,7 +59,7 @@ def trained():
   return head, net_fn(params), float(losses[-50:].mean())
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "euler_maruyama"])
 def test_samples_match_each_component(trained, solver):
   head, net_fn, _ = trained
   head = FlowMatching(token_dim=2, solver=solver)

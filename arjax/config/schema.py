@@ -86,7 +86,20 @@ SCHEMA: Schema = {
                             "(lo, hi) with 0 <= lo <= hi <= 1"),
     "sample.temperature": ((float, int), _pos, "> 0"),
     "sample.num_steps": ((int,), _pos, "> 0"),
-    "sample.solver": ((str,), lambda v: v in ("euler", "heun"), "'euler' or 'heun'"),
+    "sample.solver": ((str,), lambda v: v in ("euler", "heun", "euler_maruyama"),
+                      "'euler', 'heun' or 'euler_maruyama'"),
+    # The flow head's SDE ('euler_maruyama'): c in the diffusion coefficient g(t)^2 = 2 c t
+    # (arjax/heads/flow.py); 0 = the Euler ODE, 1 = xAR's official SDE.
+    "sample.diffusion_scale": ((float, int), _nonneg, ">= 0"),
+    # DiSA head-step annealing along the generation order (arjax/sampling/step_schedule.py):
+    # 'constant', 'linear', 'cosine' (sample.num_steps -> sample.head_steps_end), or explicit
+    # comma-separated step counts, one per position / iteration / entity ('16,12,8,4').
+    "sample.head_step_schedule": (
+        (str,),
+        lambda v: v in ("constant", "linear", "cosine") or all(
+            n.strip().isdigit() and int(n) > 0 for n in v.split(",")),
+        "'constant', 'linear', 'cosine' or comma-separated integers > 0"),
+    "sample.head_steps_end": ((int,), _pos, "> 0"),
     "sample.seed": ((int,), None, ""),
     "sample.batch_size": ((int,), _pos, "> 0"),
     "sample.use_ema": ((bool,), None, ""),

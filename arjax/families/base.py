@@ -130,6 +130,29 @@ class Family(Plugin, abc.ABC):
     return {"backbone": int(counted.flops - head_flops), "head": int(head_flops),
             "total": int(counted.flops)}
 
+  def head_units(self, config, tokenizer) -> Tuple[int, ...]:
+    """Tokens sampled by each unit of the generation order, in order: what one head call
+    samples per image, and what a DiSA schedule (`config.sample.head_step_schedule`) gives its
+    own step count. One token per position by default (the causal family)."""
+    return (1,) * tokenizer.num_tokens
+
+  def head_steps(self, config, tokenizer):
+    """[(tokens, steps)] of every unit (`head_units`) under `config.sample`'s schedule."""
+    from arjax.sampling import step_schedule  # pylint: disable=import-outside-toplevel
+    s = config.sample
+    units = self.head_units(config, tokenizer)
+    steps = step_schedule.head_steps(s.head_step_schedule, s.num_steps, s.head_steps_end,
+                                     len(units))
+    return list(zip(units, steps))
+
+  def head_evaluations(self, config, tokenizer, head_kind) -> float:
+    """Head-net evaluations per sampled token, averaged over the generation order (the
+    head's `evaluations_per_token` when the schedule is constant)."""
+    units = self.head_steps(config, tokenizer)
+    total = sum(tokens * head_kind.evaluations_per_token(config, steps) for tokens, steps in units)
+    count = sum(tokens for tokens, _ in units)
+    return total // count if total % count == 0 else round(total / count, 3)
+
   def example_inputs(self, tokenizer) -> tuple:
     """(tokens, labels) of batch 1 that `model.init` is called with."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

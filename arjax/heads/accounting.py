@@ -53,6 +53,6 @@ def sampling(evals: int, calls: int, token_dim: int, cond_width: int, h,
 
 
 def ode_evaluations(num_steps: int, solver: str) -> int:
-  """Head evaluations per token that the ODE solver needs: Euler 1 per step; Heun 2 per step,
-  but only 1 in the last step, which keeps the Euler value."""
-  return num_steps if solver == "euler" else 2 * num_steps - 1
+  """Head evaluations per token that the ODE solver needs: Euler (and Euler-Maruyama) 1 per
+  step; Heun 2 per step, but only 1 in the last step, which keeps the Euler value."""
+  return num_steps if solver in ("euler", "euler_maruyama") else 2 * num_steps - 1

@@ -50,15 +50,16 @@ class Head(Plugin, abc.ABC):
     """(network module, algorithm) for tokens of `token_dim` conditioned on z of `cond_width`."""
 
   @abc.abstractmethod
-  def evaluations_per_token(self, config) -> int:
-    """Network evaluations to sample one token with `config.sample` (ODE or DDPM steps)."""
+  def evaluations_per_token(self, config, num_steps=None) -> int:
+    """Network evaluations to sample one token with `config.sample` (ODE or DDPM steps), or
+    with `num_steps` steps instead of `sample.num_steps` (a DiSA schedule's unit)."""
 
   @abc.abstractmethod
   def flops(self, config, *, token_dim: int, cond_width: int, mode: str, tokens: int,
-            calls: int = 1) -> int:
+            calls: int = 1, num_steps=None) -> int:
     """Model FLOPs of the head on `tokens` tokens: mode 'train' (forward + backward of the
-    loss, batch_mul draws each) or 'sample' (`evaluations_per_token` evaluations each, in
-    `calls` network calls that share one t)."""
+    loss, batch_mul draws each) or 'sample' (`evaluations_per_token(config, num_steps)`
+    evaluations each, in `calls` network calls that share one t)."""
 
   def summary(self, config) -> str:
     """The head in `describe`'s model line."""

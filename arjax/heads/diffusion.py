@@ -386,10 +386,10 @@ class MarDiffusionHead(base.Head):
                              num_sampling_steps=str(config.sample.num_steps),
                              num_timesteps=h.num_timesteps, noise_schedule=h.noise_schedule)
 
-  def evaluations_per_token(self, config):
-    return config.sample.num_steps
+  def evaluations_per_token(self, config, num_steps=None):
+    return config.sample.num_steps if num_steps is None else num_steps
 
-  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1):
+  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1, num_steps=None):
     h = config.head
     if mode == "train":
       # The net embeds its integer timesteps as a table of num_timesteps rows when there are
@@ -397,6 +397,6 @@ class MarDiffusionHead(base.Head):
       rows = tokens * h.batch_mul
       return accounting.training(h, tokens, token_dim, cond_width, 2 * token_dim,
                                  time_rows=min(rows, h.num_timesteps))
-    evals = self.evaluations_per_token(config)
+    evals = self.evaluations_per_token(config, num_steps)
     return accounting.sampling(tokens * evals, calls * evals, token_dim, cond_width, h,
                                2 * token_dim)

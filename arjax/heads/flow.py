@@ -7,6 +7,17 @@ The one time convention of arjax, written here and nowhere else:
     training t ~ logit-normal(mean, std)   (Esser et al. 2024, SD3)
     sampling integrates dx/dt = v from t = 1 (noise * temperature) to t = 0.
 
+The same marginals p_t are those of a family of reverse-time SDEs (Song et al. 2021), one per
+diffusion coefficient g(t): with the score of the linear path, s = -(x_t + (1 - t) v) / t,
+
+    dx = [v - g^2/2 s] dt + g dW   integrated t: 1 -> 0.
+
+`solver='euler_maruyama'` takes g(t)^2 = 2 c t, c = `diffusion_scale` (`sample.diffusion_scale`):
+the drift is v + c (x + (1 - t) v), finite at every t, and the noise vanishes at t = 0 where the
+data is. c = 1 is xAR's official SDE (arjax/families/xar/sampler.py: drift (2 - t) v + x);
+c = 0 is the Euler ODE exactly. The grid is the ODE's uniform one; the last step (to t = 0)
+draws no noise, so a sample ends on the drift's mean.
+
 The network follows MAR's SimpleMLPAdaLN: x_t is projected to the head width,
 then `depth` residual blocks whose LayerNorm is modulated (shift, scale, gate)
 by c = embed(t) + proj(z); the modulation and output layers start at zero, so
@@ -43,7 +54,9 @@ class FlowHeadNet(nn.Module):
   dropout: float = 0.0  # in the residual blocks, training only
 
   @nn.compact
-  def __call__(self, x_t, t, z):
+  def __call__(self, x_t, t, z, extra=None):
+    """`extra` [1 or N, width]: a further embedding added to the condition c (the shortcut
+    head's step size, arjax/heads/shortcut.py)."""
     dense = lambda feats, axes, name: dense_lib.dense(feats, axes, dtype=self.dtype, name=name)
     t_emb = adaln.timestep_embedding(t, 256, time_scale=1000.0).astype(self.dtype)
     t_emb = dense(self.width, ("mlp", "mlp_out"), "time_mlp2")(
@@ -51,6 +64,8 @@ class FlowHeadNet(nn.Module):
     h = dense(self.width, ("token", "mlp"), "input_proj")(x_t.astype(self.dtype))
     c = t_emb + shared_condition(
         dense(self.width, ("embed", "mlp_out"), "cond_proj")(z.astype(self.dtype)), h.shape[0])
+    if extra is not None:
+      c = c + extra.astype(self.dtype)
     if self.is_initializing():  # init creates each block's own Dense
       modulations = [None] * self.depth + [adaln.modulation_layer(
           self.width, 2, name="final_modulation", dtype=self.dtype)(nn.silu(c))]
@@ -66,9 +81,23 @@ class FlowHeadNet(nn.Module):
     return v.astype(jnp.float32)
 
 
-def _integrate(velocity: Callable, x, steps: int, solver: str):
-  """Integrates dx/dt = velocity(x, t) from t = 1 to t = 0 on a uniform grid."""
+SOLVERS = ("euler", "heun", "euler_maruyama")
+
+
+def _integrate(velocity: Callable, x, steps: int, solver: str, *, diffusion_scale: float = 0.0,
+               noise: Callable = None):
+  """Integrates dx/dt = velocity(x, t) from t = 1 to t = 0 on a uniform grid; for
+  'euler_maruyama' the reverse SDE of the module docstring, `noise(i)` step i's scaled draws."""
   ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+  def euler_maruyama(x, i):
+    t, t_next = ts[i], ts[i + 1]
+    dt = t_next - t
+    v = velocity(x, t)
+    drift = v + diffusion_scale * (x + (1.0 - t) * v)
+    # g sqrt(|dt|) with g^2 = 2 c t; none in the last step, which lands on t = 0.
+    scale = jnp.where(i == steps - 1, 0.0, jnp.sqrt(2.0 * diffusion_scale * t * (-dt)))
+    return x + dt * drift + scale * noise(i), None
 
   def euler(x, i):
     t, t_next = ts[i], ts[i + 1]
@@ -85,7 +114,9 @@ def _integrate(velocity: Callable, x, steps: int, solver: str):
     x_heun = x + 0.5 * dt * (v + velocity(x_euler, t_next))
     return jnp.where(i == steps - 1, x_euler, x_heun), None
 
-  step = {"euler": euler, "heun": heun}[solver]
+  if solver not in SOLVERS:
+    raise ValueError(f"solver={solver!r}; known: {SOLVERS}")
+  step = {"euler": euler, "heun": heun, "euler_maruyama": euler_maruyama}[solver]
   x, _ = jax.lax.scan(step, x, jnp.arange(steps))
   return x
 
@@ -97,7 +128,8 @@ class FlowMatching:
   batch_mul: int = 4          # noise/time draws per z (MAR's diffusion_batch_mul)
   t_mean: float = 0.0         # logit-normal location
   t_std: float = 1.0          # logit-normal scale
-  solver: str = "heun"        # 'euler' | 'heun'
+  solver: str = "heun"        # 'euler' | 'heun' | 'euler_maruyama' (module docstring)
+  diffusion_scale: float = 1.0  # the SDE's c in g(t)^2 = 2 c t ('euler_maruyama' only)
 
   def sample_t(self, rng, n):
     return jax.nn.sigmoid(self.t_mean + self.t_std * jax.random.normal(rng, (n,)))
@@ -127,7 +159,8 @@ class FlowMatching:
     plain v_c outside it (guidance limited to an interval of noise levels,
     Kynkaanniemi et al. 2024: guiding at the noisiest t mostly costs
     diversity). `temperature` scales the initial noise. `rng` is one key or one key per
-    row [N] (`arjax.heads.noise`); the ODE itself draws nothing.
+    row [N] (`arjax.heads.noise`); the ODE itself draws nothing, the SDE draws step i's noise
+    from fold_in(rng, i + 1), scaled by `temperature` as the initial noise is.
     """
     guided = cfg_scale is not None
     n = z.shape[0] // 2 if guided else z.shape[0]
@@ -143,7 +176,10 @@ class FlowMatching:
       scale = jnp.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
       return v_uncond + scale * (v_cond - v_uncond)
 
-    return _integrate(velocity, x, steps, self.solver)
+    noise = lambda i: temperature * noise_draws.normal(
+        noise_draws.fold_in(rng, i + 1), n, (self.token_dim,))
+    return _integrate(velocity, x, steps, self.solver, diffusion_scale=self.diffusion_scale,
+                      noise=noise)
 
 
 class FlowHead(base.Head):
@@ -162,12 +198,13 @@ class FlowHead(base.Head):
             FlowMatching(token_dim=token_dim, batch_mul=h.batch_mul, t_mean=h.t_mean,
                          t_std=h.t_std))
 
-  def evaluations_per_token(self, config):
-    return accounting.ode_evaluations(config.sample.num_steps, config.sample.solver)
+  def evaluations_per_token(self, config, num_steps=None):
+    steps = config.sample.num_steps if num_steps is None else num_steps
+    return accounting.ode_evaluations(steps, config.sample.solver)
 
-  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1):
+  def flops(self, config, *, token_dim, cond_width, mode, tokens, calls=1, num_steps=None):
     if mode == "train":
       return accounting.training(config.head, tokens, token_dim, cond_width, token_dim)
-    evals = self.evaluations_per_token(config)
+    evals = self.evaluations_per_token(config, num_steps)
     return accounting.sampling(tokens * evals, calls * evals, token_dim, cond_width,
                                config.head, token_dim)

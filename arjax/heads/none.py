@@ -18,13 +18,13 @@ class NoHead(base.Head):
   def build(self, config, *, token_dim: int, cond_width: int, dtype) -> tuple:
     return None, None
 
-  def evaluations_per_token(self, config) -> int:
+  def evaluations_per_token(self, config, num_steps=None) -> int:
     s = config.sample
-    return s.num_steps * (2 if s.solver == "heun" else 1)
+    return (s.num_steps if num_steps is None else num_steps) * (2 if s.solver == "heun" else 1)
 
   def summary(self, config) -> str:
     return "no per-token head"
 
   def flops(self, config, *, token_dim: int, cond_width: int, mode: str, tokens: int,
-            calls: int = 1) -> int:
+            calls: int = 1, num_steps=None) -> int:
     return 0

@@ -52,7 +52,8 @@ The report (JSON; `run` returns it as a dict):
   profile_dir                         where --profile wrote the trace of the timed calls
   train only: batch_mul; sample only: cfg_scale, cfg_schedule, cfg_interval, guided,
   num_steps, solver (null for the DDPM head), temperature, head_evaluations (ODE evaluations
-  or DDPM steps per token); MAR family: num_iter, kept_buckets
+  or DDPM steps per token, averaged over the generation order), head_step_schedule,
+  head_steps_end; MAR family: num_iter, kept_buckets
   decode (causal only; a call is ONE token step of the batch, at the middle position, so
   images_per_s = batch / (median_s x num_tokens)): the sample fields, and decode_positions
   [first, middle, last], decode_median_s / decode_min_s / decode_max_s per position,
@@ -121,9 +122,11 @@ def analytic_flops(config, mode: str, batch_size: int) -> dict:
   return registry.flops(config, mode, batch_size)
 
 
-def head_evaluations(config) -> int:
-  """Head-net evaluations per sampled token: the ODE's (flow) or the respaced DDPM steps."""
-  return registry.head(config).evaluations_per_token(config)
+def head_evaluations(config):
+  """Head-net evaluations per sampled token: the ODE's (flow) or the respaced DDPM steps,
+  averaged over the generation order under a DiSA schedule (an int when it is whole)."""
+  tokenizer = registry.make_tokenizer(config.tokenizer, config.data, abstract=True)
+  return registry.family(config).head_evaluations(config, tokenizer, registry.head(config))
 
 
 # -----------------------------------------------------------------------------
@@ -419,7 +422,8 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
                   cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
                   num_steps=s.num_steps,
                   solver=s.solver if exp.head_kind.uses_solver else None,
-                  temperature=s.temperature, head_evaluations=head_evaluations(config))
+                  temperature=s.temperature, head_evaluations=head_evaluations(config),
+                  head_step_schedule=s.head_step_schedule, head_steps_end=s.head_steps_end)
     report.update(exp.family.report_fields(config))
   return report
 
@@ -470,6 +474,9 @@ def format_table(r: dict) -> str:
     # The DDPM head's steps are its respacing; a solver only applies to the flow head's ODE.
     solver = "DDPM" if r["solver"] is None else r["solver"]
     what = f"batch {r['batch_size']}, {solver} {r['num_steps']} steps, cfg {r['cfg_scale']}"
+    if r.get("head_step_schedule", "constant") != "constant":  # DiSA
+      what += (f", head steps {r['head_step_schedule']} -> {r['head_steps_end']} "
+               f"({r['head_evaluations']} evaluations per token)")
   rows = [
       f"bench {r['mode']}  {r['config'] or ''}  {what}",
       f"  device      {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax_version']}",

@@ -22,6 +22,7 @@ import numpy as np
 
 from arjax.heads import noise as noise_draws
 from arjax.parallel import sharding
+from arjax.sampling import step_schedule
 
 
 def cfg_schedule(scale: float, schedule: str, num_tokens: int) -> np.ndarray:
@@ -83,12 +84,26 @@ def image_keys(rng, image_ids):
   """One key per image, fold_in(rng, image index): all that is random about an image."""
   return noise_draws.fold_in_each(rng, image_ids)
 
-def head_with_solver(head, solver: str):
-  """The head with `sample.solver` applied where it has one (the flow head's ODE solver;
-  the DDPM head's steps are fixed by its schedule; a family without a head passes None)."""
-  if dataclasses.is_dataclass(head) and any(f.name == "solver" for f in dataclasses.fields(head)):
-    return dataclasses.replace(head, solver=solver)
-  return head
+def head_with_solver(head, solver: str, diffusion_scale=None):
+  """The head with `sample.solver` (and the SDE's `sample.diffusion_scale`) applied where it
+  has them (the flow head's ODE / SDE solver; the DDPM head's steps are fixed by its schedule;
+  a family without a head passes None)."""
+  if not dataclasses.is_dataclass(head):
+    return head
+  fields = {f.name for f in dataclasses.fields(head)}
+  settings = {"solver": solver, "diffusion_scale": diffusion_scale}
+  settings = {k: v for k, v in settings.items() if k in fields and v is not None}
+  return dataclasses.replace(head, **settings) if settings else head
+
+
+def sampler_settings(sample_cfg) -> dict:
+  """The `ImageSampler` fields that `config.sample` sets for every family (keyword arguments:
+  num_steps, solver, cfg_interval, the DiSA schedule and the SDE's diffusion scale)."""
+  return dict(num_steps=sample_cfg.num_steps, solver=sample_cfg.solver,
+              cfg_interval=tuple(sample_cfg.cfg_interval),
+              head_step_schedule=step_schedule.parse(sample_cfg.head_step_schedule),
+              head_steps_end=sample_cfg.head_steps_end,
+              diffusion_scale=sample_cfg.diffusion_scale)
 
 
 @dataclasses.dataclass
@@ -106,10 +121,15 @@ class ImageSampler(abc.ABC):
   solver: str = "heun"
   cfg_interval: tuple = (0.0, 1.0)
   clip_tokens: bool = True           # sampled tokens clipped into the tokenizer's value range
+  # DiSA: the head's steps along the generation order (`arjax.sampling.step_schedule`).
+  head_step_schedule: Any = "constant"
+  head_steps_end: Any = None
+  diffusion_scale: Any = None        # the flow head's SDE coefficient (None: the head's own)
 
   def __post_init__(self):
     check_num_steps(self.num_steps, self.head)
-    self.head_for_sampling = head_with_solver(self.head, self.solver)
+    step_schedule.check(self.head_step_schedule, self.head_steps_end, self.num_steps)
+    self.head_for_sampling = head_with_solver(self.head, self.solver, self.diffusion_scale)
     self._programs = {}       # guided (bool) -> the jitted program
     self._activations = None  # (mesh, rules) once `shard_activations` is called
 
@@ -117,6 +137,16 @@ class ImageSampler(abc.ABC):
   def num_classes(self) -> int:
     """Valid class ids are 0 .. num_classes - 1 (by default the backbone's)."""
     return self.model.backbone.num_classes
+
+  def head_steps(self, num_units: int) -> tuple:
+    """The head's step count for each of the `num_units` units of the generation order
+    (positions, iterations, entities): `sample.num_steps` everywhere unless a DiSA schedule
+    anneals it (`arjax.sampling.step_schedule`)."""
+    steps = step_schedule.head_steps(self.head_step_schedule, self.num_steps,
+                                     self.head_steps_end, num_units)
+    for n in set(steps):
+      check_num_steps(n, self.head, "sample.head_step_schedule")
+    return steps
 
   @property
   def value_range(self):

@@ -17,7 +17,7 @@ from arjax.families.causal.backbone import CausalTransformer
 from arjax.families.causal.model import ARModel, causal_loss
 from arjax.families.causal.sampler import Sampler, token_step
 from arjax.layers import mlp
-from arjax.sampling.base import head_with_solver, image_keys
+from arjax.sampling.base import head_with_solver, image_keys, sampler_settings
 from arjax.util.flops import matmul
 
 
@@ -70,8 +70,7 @@ class CausalFamily(base.Family):
 
   def sampler(self, model, head, tokenizer, config):
     s = config.sample
-    return Sampler(model, head, tokenizer, num_steps=s.num_steps, solver=s.solver,
-                   cfg_interval=tuple(s.cfg_interval))
+    return Sampler(model, head, tokenizer, **sampler_settings(s))
 
   def flops(self, config, tokenizer, head_kind, mode, batch_size):
     """Notation: B batch, T tokens of dim D, P class-prefix tokens, W / L backbone width /
@@ -110,7 +109,9 @@ class CausalFamily(base.Family):
       backbone = (_blocks_flops(rows * p, cache, w, hidden, m.depth)
                   + _blocks_flops(rows * (t - 1), cache, w, hidden, m.depth)
                   + matmul(rows * (t - 1), d, w))
-      head_flops = head(mode="sample", tokens=rows * t, calls=t)
+      # Per position its own step count under a DiSA schedule (one head call each).
+      head_flops = sum(head(mode="sample", tokens=rows * tokens, calls=1, num_steps=steps)
+                       for tokens, steps in self.head_steps(config, tokenizer))
     elif mode == "decode":
       backbone = _blocks_flops(rows, p + t, w, hidden, m.depth) + matmul(rows, d, w)
       head_flops = head(mode="sample", tokens=rows, calls=1)
@@ -129,7 +130,7 @@ class CausalFamily(base.Family):
     has its full static length at every position (masked attention over all of it)."""
     config = exp.config
     s = config.sample
-    model, head = exp.model, head_with_solver(exp.head, s.solver)
+    model, head = exp.model, head_with_solver(exp.head, s.solver, s.diffusion_scale)
     guided = is_guided(config)
     labels = jnp.arange(batch_size, dtype=jnp.int32) % config.data.num_classes
     if guided:

@@ -18,6 +18,11 @@ An image therefore depends on (rng, its index) and its label alone, not on how a
 split into batches nor on the other rows of its batch (up to float reduction order: XLA may
 sum a matmul differently for another batch size; tests/test_determinism.py bounds it).
 
+Head-step annealing (DiSA). `head_steps` gives each position its own head step count; the
+scan over positions is cut into runs of equal count (`step_schedule.runs`), one scan each,
+the carry (z, cache) handed from run to run, so every count stays static. One run (the
+constant schedule) is the plain sampler.
+
 Requests are checked before anything is traced or compiled (`check_request`): labels
 outside [0, num_classes), an empty request, cfg_scale < 0, temperature <= 0 and
 num_steps <= 0 fail with a ValueError naming the argument.
@@ -30,13 +35,17 @@ import jax.numpy as jnp
 
 from arjax.families.causal.model import ARModel
 from arjax.heads import noise as noise_draws
+from arjax.sampling import step_schedule
 from arjax.sampling.base import ImageSampler, cfg_schedule, image_keys
 
 
 def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, guided: bool,
                   num_steps: int, num_tokens: int, cfg_interval=(0.0, 1.0), value_range=None,
-                  cache_dtype=jnp.float32, image_ids=None):
+                  cache_dtype=jnp.float32, image_ids=None, head_steps=None):
   """labels [B] -> (tokens [B, T, D], z [B', T, W]); B' = 2B with guidance.
+
+  head_steps: the head's steps at each position (static, T entries; default `num_steps`
+  everywhere); positions with equal counts in a row share one scan.
 
   image_ids: int [B], each row's index in the whole request (default 0 .. B-1). Row b's
   draws at position i come from fold_in(image_keys(rng, image_ids)[b], i) alone.
@@ -57,16 +66,26 @@ def sample_tokens(params, labels, rng, cfg_scales, temperature, *, model, head, 
   cache = model.backbone.init_cache(labels.shape[0], cache_dtype)
   z, cache = apply(labels, cache, method=ARModel.prefill)
 
-  def step(carry, inputs):
+  def step(carry, inputs, steps):
     z, cache = carry
     position, scale = inputs
     keys = noise_draws.fold_in(row_keys, position)  # [B]: one key per image
     token, z_next, cache = token_step(
         params, z, cache, position, keys, scale, temperature, model=model, head=head,
-        guided=guided, num_steps=num_steps, cfg_interval=cfg_interval, value_range=value_range)
+        guided=guided, num_steps=steps, cfg_interval=cfg_interval, value_range=value_range)
     return (z_next, cache), (token, z)
 
-  _, (tokens, zs) = jax.lax.scan(step, (z, cache), (jnp.arange(num_tokens), cfg_scales))
+  if head_steps is None:
+    head_steps = (num_steps,) * num_tokens
+  if len(head_steps) != num_tokens:
+    raise ValueError(f"head_steps has {len(head_steps)} entries for {num_tokens} positions")
+  carry, outputs = (z, cache), []
+  for first, end, steps in step_schedule.runs(head_steps):
+    carry, out = jax.lax.scan(functools.partial(step, steps=steps), carry,
+                              (jnp.arange(first, end), cfg_scales[first:end]))
+    outputs.append(out)
+  tokens, zs = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+                for parts in zip(*outputs))
   return tokens.transpose(1, 0, 2), zs.transpose(1, 0, 2)
 
 
@@ -101,5 +120,5 @@ class Sampler(ImageSampler):
         params, labels, rng, scales, temperature, model=self.model, head=self.head_for_sampling,
         guided=guided, num_steps=self.num_steps, num_tokens=self.tokenizer.num_tokens,
         cfg_interval=tuple(self.cfg_interval), value_range=self.value_range,
-        image_ids=image_ids)
+        image_ids=image_ids, head_steps=self.head_steps(self.tokenizer.num_tokens))
     return self.tokenizer.decode(tokens)

@@ -18,6 +18,7 @@ from arjax.families.masked.backbone import MarBackbone
 from arjax.families.masked.convert import MarConverter
 from arjax.families.masked.model import MaskedARModel
 from arjax.families.masked.sampler import MarSampler, mask_schedule
+from arjax.sampling.base import sampler_settings
 from arjax.util.flops import matmul
 
 
@@ -111,9 +112,8 @@ class MaskedFamily(base.Family):
 
   def sampler(self, model, head, tokenizer, config):
     s = config.sample
-    return MarSampler(model, head, tokenizer, num_iter=s.num_iter, num_steps=s.num_steps,
-                      solver=s.solver, cfg_interval=tuple(s.cfg_interval),
-                      kept_buckets=s.kept_buckets)
+    return MarSampler(model, head, tokenizer, num_iter=s.num_iter,
+                      kept_buckets=s.kept_buckets, **sampler_settings(s))
 
   def converters(self):
     return (MarConverter(),)
@@ -149,10 +149,17 @@ class MaskedFamily(base.Family):
       rows = batch_size * (2 if config.sample.cfg_scale != 1.0 else 1)
       backbone = sum(backbone_flops(config, length, d, rows, int(known), int(pred))
                      for known, pred in zip(schedule.num_known_before, schedule.num_pred))
-      # Every token is predicted once, in num_iter head calls.
-      head_flops = head(mode="sample", tokens=rows * length, calls=len(schedule.num_pred))
+      # Every token is predicted once, in num_iter head calls, each with its iteration's
+      # step count (DiSA).
+      head_flops = sum(head(mode="sample", tokens=rows * tokens, calls=1, num_steps=steps)
+                       for tokens, steps in self.head_steps(config, tokenizer))
     return {"backbone": int(backbone), "head": int(head_flops),
             "total": int(backbone + head_flops)}
+
+  def head_units(self, config, tokenizer):
+    """One unit per iteration: the tokens MAR's schedule predicts in it."""
+    return tuple(int(n) for n in mask_schedule(tokenizer.num_tokens,
+                                               config.sample.num_iter).num_pred)
 
   def stack_depths(self, config):
     return (("model", "encoder_depth"), ("model", "decoder_depth"), ("head", "depth"))

@@ -29,6 +29,10 @@ fold_in(fold_in(step key, k), j). Slot j of step k is the j-th token of the imag
 predicted at step k, fixed by (L, K) alone, so an image depends on (rng, its index) and its
 label, not on the batch it is sampled in (up to float reduction order).
 
+Head-step annealing (DiSA). `head_steps` gives each iteration its own head step count; each
+segment's scan is cut further into runs of equal count (`step_schedule.runs`), so every
+count stays static; the constant schedule leaves the segments as they are.
+
 Replay. `orders` and, for the DDPM head, every noise draw can be passed in
 (`replay_noise` converts draws recorded from PyTorch, in MAR's row-major order), which
 reproduces the official sampler token for token (tests/test_golden_mar.py).
@@ -44,6 +48,7 @@ import numpy as np
 
 from arjax.heads import noise as noise_draws
 from arjax.families.masked.model import MaskedARModel, random_orders
+from arjax.sampling import step_schedule
 from arjax.sampling.base import ImageSampler, image_keys
 
 
@@ -176,7 +181,7 @@ def replay_noise(schedule: MaskSchedule, orders: np.ndarray, init_noise: Sequenc
 def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARModel, head,
                   schedule: MaskSchedule, guided: bool, num_steps, kept_buckets: int = 1,
                   cfg_interval=(0.0, 1.0), orders=None, noise=None, value_range=None,
-                  image_ids=None):
+                  image_ids=None, head_steps=None):
   """labels [B] -> tokens [B, L, C].
 
   scales: [K] float32 CFG scale per step (ignored unless `guided`).
@@ -187,6 +192,8 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
     and fed back (bounded tokenizers such as pixel patches; MAR's VAE latents have none).
   image_ids: int [B], each row's index in the whole request (default 0 .. B-1); see Seeds
     in the module docstring.
+  head_steps: the head's steps at each iteration (static, K entries; default `num_steps`
+    everywhere): DiSA (module docstring).
   """
   batch = labels.shape[0]
   length, dim = schedule.num_tokens, model.backbone.token_dim
@@ -201,15 +208,24 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
   rows = 2 * batch if guided else batch
   all_labels = jnp.concatenate([labels, labels]) if guided else labels
   drop = jnp.arange(rows) >= batch  # the null half of a CFG batch
-  head_kwargs = dict(temperature=temperature, steps=num_steps, cfg_interval=tuple(cfg_interval))
+  head_kwargs = dict(temperature=temperature, cfg_interval=tuple(cfg_interval))
+  num_iter = len(schedule.num_pred)
+  if head_steps is None:
+    head_steps = (num_steps,) * num_iter
+  if len(head_steps) != num_iter:
+    raise ValueError(f"head_steps has {len(head_steps)} entries for {num_iter} iterations")
   tokens = jnp.zeros((batch, length, dim), jnp.float32)
   known = jnp.zeros((batch, length), bool)
 
-  for first, end, num_kept, slots in segments(schedule, kept_buckets):
+  pieces = [(first + i, first + j, num_kept, slots, steps)
+            for first, end, num_kept, slots in segments(schedule, kept_buckets)
+            for i, j, steps in step_schedule.runs(head_steps[first:end])]
+  for first, end, num_kept, slots, head_step_count in pieces:
     # Slot j beyond n_k reads past the order; pad the order with an out-of-range position L.
     padded = jnp.concatenate([orders, jnp.full((batch, slots), length, jnp.int32)], axis=1)
 
-    def step(carry, xs, num_kept=num_kept, slots=slots, padded=padded):
+    def step(carry, xs, num_kept=num_kept, slots=slots, padded=padded,
+             head_step_count=head_step_count):
       tokens, known = carry
       start, count, scale, step_index, step_noise = xs
       mask = ~known
@@ -221,7 +237,7 @@ def sample_tokens(params, labels, rng, scales, temperature, *, model: MaskedARMo
       z_slots = apply(doubled(tokens), doubled(mask), all_labels, num_kept, drop, doubled(read),
                       method=MaskedARModel.condition)
       z_slots = z_slots.reshape(rows * slots, -1)
-      kwargs = dict(head_kwargs, cfg_scale=scale if guided else None)
+      kwargs = dict(head_kwargs, cfg_scale=scale if guided else None, steps=head_step_count)
       if step_noise is not None:
         kwargs["noise"] = (step_noise[0].reshape(batch * slots, dim),
                            step_noise[1].reshape(step_noise[1].shape[0], batch * slots, dim))
@@ -274,4 +290,5 @@ class MarSampler(ImageSampler):
         params, labels, rng, scales, temperature, model=self.model, head=self.head_for_sampling,
         schedule=self.schedule, guided=guided, num_steps=self.num_steps,
         kept_buckets=self.kept_buckets, cfg_interval=tuple(self.cfg_interval),
-        value_range=self.value_range, image_ids=image_ids))
+        value_range=self.value_range, image_ids=image_ids,
+        head_steps=self.head_steps(self.num_iter)))

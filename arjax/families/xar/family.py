@@ -20,6 +20,7 @@ from arjax.families.xar.convert import XarConverter
 from arjax.families.xar.entities import KINDS, EntityLayout
 from arjax.families.xar.model import XarModel
 from arjax.families.xar.sampler import SOLVERS, XarSampler
+from arjax.sampling.base import sampler_settings
 from arjax.util.flops import matmul
 
 
@@ -117,8 +118,7 @@ class XarFamily(base.Family):
 
   def sampler(self, model, head, tokenizer, config):
     s = config.sample
-    return XarSampler(model, head, tokenizer, num_steps=s.num_steps, solver=s.solver,
-                      cfg_interval=tuple(s.cfg_interval))
+    return XarSampler(model, head, tokenizer, **sampler_settings(s))
 
   def flops(self, config, tokenizer, head_kind, mode, batch_size):
     """train: one block-causal forward over all L tokens (every query against all L keys, as
@@ -137,10 +137,18 @@ class XarFamily(base.Family):
     else:
       s = config.sample
       rows = batch_size * (2 if s.cfg_scale != 1.0 else 1)
-      calls = s.num_steps * (2 if s.solver == "heun" else 1) + 1
       per_call = forward_flops(config, d, rows, layout.size, length, 1)
-      backbone = (1 if mode == "decode" else layout.num_entities) * calls * per_call
+      calls = lambda steps: steps * (2 if s.solver == "heun" else 1) + 1  # + the commit
+      if mode == "decode":
+        backbone = calls(s.num_steps) * per_call
+      else:  # each entity its own step count under a DiSA schedule
+        backbone = sum(calls(steps) for _, steps in self.head_steps(config, tokenizer)) * per_call
     return {"backbone": int(backbone), "head": 0, "total": int(backbone)}
+
+  def head_units(self, config, tokenizer):
+    """One unit per entity (the network samples an entity's tokens together)."""
+    layout = layout_from_config(config, tokenizer)
+    return (layout.size,) * layout.num_entities
 
   def decode_step(self, exp, batch_size):
     """One entity of the sampler (its num_steps network calls against the KV cache of the

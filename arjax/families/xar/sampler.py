@@ -27,6 +27,11 @@ i from fold_in(fold_in(key, s), i) (i = 0 the initial noise, i >= 1 step i - 1's
 image does not depend on the batch it is drawn in. The integration itself takes its draws from
 a function (`draw(s, i)`), so the golden test replays the official draws through the same code.
 
+Network-step annealing (DiSA, per entity): `head_steps` gives each entity its own step count;
+the scan over entities is cut into runs of equal count (`step_schedule.runs`), one scan each
+with its own static time grid, the cache handed from run to run. The constant schedule is one
+run, the plain sampler.
+
 Generalised where the official code is not: any grid, entity layout, step count (>= 1) and
 batch size.
 """
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.families.xar.model import XarModel, to_raster
+from arjax.sampling import step_schedule
 from arjax.sampling.base import ImageSampler, image_keys
 
 SOLVERS = ("euler", "heun", "euler_maruyama")
@@ -152,21 +158,36 @@ def entity_step(params, labels, draw, scales, temperature, *, model: XarModel, s
 
 def sample_tokens(params, labels, draw, scales, temperature, *, model: XarModel, solver: str,
                   num_steps: int, guided: bool, cfg_interval=(0.0, 1.0),
-                  value_range=None, trace: bool = False):
+                  value_range=None, trace: bool = False, head_steps=None):
   """labels [B] -> tokens [B, L, D] in raster order (and, with `trace`, the per-entity record
   {'v': [E, calls, rows, size, D] raw velocities (rows: [labels; null] when guided),
   'x': [E, steps, B, size, D] the state after each step}).
 
   `scales` [E]: CFG per entity; `draw(s, i)` the noise (see the module docstring).
+  `head_steps`: the steps of each entity (static, E entries; default `num_steps` for all).
   """
   backbone = model.backbone
   layout = backbone.layout
-  rows, entity = entity_step(
-      params, labels, draw, scales, temperature, model=model, solver=solver,
-      num_steps=num_steps, guided=guided, cfg_interval=cfg_interval, value_range=value_range,
-      trace=trace)
-  _, (entities, record) = jax.lax.scan(entity, backbone.init_cache(rows),
-                                       jnp.arange(layout.num_entities))
+  if head_steps is None:
+    head_steps = (num_steps,) * layout.num_entities
+  if len(head_steps) != layout.num_entities:
+    raise ValueError(f"head_steps has {len(head_steps)} entries for {layout.num_entities} "
+                     "entities")
+  runs = step_schedule.runs(head_steps)
+  if trace and len(runs) > 1:
+    raise ValueError("trace: the record's shape needs one step count for every entity")
+  cache, parts = None, []
+  for first, end, steps in runs:
+    rows, entity = entity_step(
+        params, labels, draw, scales, temperature, model=model, solver=solver,
+        num_steps=steps, guided=guided, cfg_interval=cfg_interval, value_range=value_range,
+        trace=trace)
+    if cache is None:
+      cache = backbone.init_cache(rows)
+    cache, part = jax.lax.scan(entity, cache, jnp.arange(first, end))
+    parts.append(part)
+  entities = parts[0][0] if len(parts) == 1 else jnp.concatenate([p[0] for p in parts])
+  record = parts[0][1]
   batch = labels.shape[0]
   tokens = to_raster(jnp.moveaxis(entities, 0, 1).reshape(batch, layout.num_tokens, -1), layout)
   if trace:
@@ -191,6 +212,7 @@ class XarSampler(ImageSampler):
     draw = entity_draws(image_keys(rng, image_ids), backbone.layout.size, backbone.token_dim)
     tokens = sample_tokens(params, labels, draw, scales, temperature, model=self.model,
                            solver=self.solver, num_steps=self.num_steps, guided=guided,
-                           cfg_interval=tuple(self.cfg_interval), value_range=self.value_range)
+                           cfg_interval=tuple(self.cfg_interval), value_range=self.value_range,
+                           head_steps=self.head_steps(backbone.layout.num_entities))
     return self.tokenizer.decode(tokens)
 
