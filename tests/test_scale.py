@@ -19,6 +19,7 @@ from arjax.families.scale.flow_net import ScaleFlowNet
 from arjax.families.scale.model import ScaleModel
 from arjax.parallel import sharding
 from arjax.training import loop as train
+import family_testing
 from conftest import REPO_ROOT
 
 MIXERS = ["attention", "hybrid"]
@@ -280,16 +281,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
   config = scale_config()
   config.data.data_dir = data_dir
   config.model.attention_dropout = config.model.dropout = 0.1
-  config.train.num_steps = 4
-  config.train.checkpoint_every = 2
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  first_half = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=2)
-  assert int(first_half.step) == 2
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
+  family_testing.assert_resume_continues_bit_for_bit(config, tmp_path)
 
 @pytest.mark.parametrize("size,millions", [("small", 170.2), ("base", 300.2), ("large", 586.3),
                                            ("huge", 1910)])

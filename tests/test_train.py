@@ -9,6 +9,7 @@ from arjax.training import checkpoint
 from arjax.config import schema as configs
 from arjax.parallel import sharding
 from arjax.training import loop as train
+import family_testing
 from conftest import REPO_ROOT
 
 
@@ -99,19 +100,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
   config.data.data_dir = data_dir
   config.model.attention_dropout = config.model.dropout = config.head.dropout = 0.1
   config.data.random_translate = 1
-  config.train.num_steps = 4
-  config.train.checkpoint_every = 2
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  first_half = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=2)
-  assert int(first_half.step) == 2
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The run really moved: a resume that restarted from init would differ.
-  assert not np.array_equal(np.asarray(jax.tree.leaves(first_half.params)[0]),
-                            np.asarray(jax.tree.leaves(resumed.params)[0]))
-
+  family_testing.assert_resume_continues_bit_for_bit(config, tmp_path)
 
 def test_batch_must_split_over_the_mesh():
   config = smoke_config(shape=(8, 1, 1))
