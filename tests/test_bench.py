@@ -27,7 +27,7 @@ COMMON_FIELDS = {
     "flops_per_call", "flops_backbone", "flops_head", "xla_flops_per_device", "xla_flops_per_call",
     "achieved_flops_per_s", "peak_flops_per_s", "peak_dtype", "mfu", "datasheet_peak_flops_per_s",
     "mfu_datasheet", "peak_memory_bytes", "profile_dir"}
-SAMPLE_FIELDS = {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "num_steps", "solver",
+SAMPLE_FIELDS = {"cfg_scale", "cfg_schedule", "cfg_interval", "guided", "head", "num_steps", "solver",
                  "temperature", "head_evaluations", "head_step_schedule", "head_steps_end"}
 MODE_FIELDS = {
     "train": {"batch_mul"},
@@ -82,6 +82,20 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
       assert 0 < low <= mid <= high
     assert r["decode_last_over_first"] == pytest.approx(
         r["decode_median_s"][2] / r["decode_median_s"][0])
+
+
+@pytest.mark.parametrize("head,solver,shown", [("flow", "heun", "heun 4 steps"),
+                                               ("mar_diffusion", None, "DDPM 4 steps"),
+                                               ("shortcut", None, "shortcut head 4 steps")])
+def test_the_table_names_the_solver_or_else_the_head_that_samples_without_one(head, solver, shown):
+  report = {"mode": "sample", "config": "x", "batch_size": 8, "head": head, "solver": solver,
+            "num_steps": 4, "cfg_scale": 1.0, "xla_flops_per_call": None, "flops_per_call": 1e9,
+            "mfu": 0.1, "device_count": 1, "device_kind": "cpu", "backend": "cpu",
+            "jax_version": jax.__version__, "compile_s": 1.0, "median_s": 0.1, "min_s": 0.1,
+            "max_s": 0.1, "repeats": 2, "warmup": 1, "images_per_s": 80.0, "tokens_per_s": 1280.0,
+            "achieved_flops_per_s": 1e10, "peak_flops_per_s": {"float32": 1e11},
+            "peak_dtype": "float32", "peak_memory_bytes": None, "mfu_datasheet": None}
+  assert f"batch 8, {shown}, cfg 1.0" in bench.format_table(report).splitlines()[0]
 
 
 def test_decode_mode_is_refused_for_the_masked_family():

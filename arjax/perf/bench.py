@@ -51,7 +51,8 @@ The report (JSON; `run` returns it as a dict):
   peak_memory_bytes                   max over devices of peak_bytes_in_use; null on CPU
   profile_dir                         where --profile wrote the trace of the timed calls
   train only: batch_mul; sample only: cfg_scale, cfg_schedule, cfg_interval, guided,
-  num_steps, solver (null for the DDPM head), temperature, head_evaluations (ODE evaluations
+  head (config.head.name), num_steps, solver (null for heads with their own fixed-step
+  sampler: DDPM, shortcut), temperature, head_evaluations (ODE evaluations
   or DDPM steps per token, averaged over the generation order), head_step_schedule,
   head_steps_end; MAR family: num_iter, kept_buckets
   decode (causal only; a call is ONE token step of the batch, at the middle position, so
@@ -421,6 +422,7 @@ def run(config, *, mode: str, batch_size: Optional[int], repeats: int, warmup: i
     report.update(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
                   cfg_interval=s.get("cfg_interval"), guided=is_guided(config),
                   num_steps=s.num_steps,
+                  head=config.head.name,
                   solver=s.solver if exp.head_kind.uses_solver else None,
                   temperature=s.temperature, head_evaluations=head_evaluations(config),
                   head_step_schedule=s.head_step_schedule, head_steps_end=s.head_steps_end)
@@ -471,8 +473,10 @@ def format_table(r: dict) -> str:
   if r["mode"] == "train":
     what = f"batch {r['batch_size']}"
   else:
-    # The DDPM head's steps are its respacing; a solver only applies to the flow head's ODE.
-    solver = "DDPM" if r["solver"] is None else r["solver"]
+    # A solver applies to an ODE/SDE head; the DDPM head's steps are its respacing and the
+    # shortcut head's its K fixed steps, so those name the head instead.
+    head = r.get("head")  # absent in reports written before the field existed
+    solver = r["solver"] or {"mar_diffusion": "DDPM", None: "DDPM"}.get(head, f"{head} head")
     what = f"batch {r['batch_size']}, {solver} {r['num_steps']} steps, cfg {r['cfg_scale']}"
     if r.get("head_step_schedule", "constant") != "constant":  # DiSA
       what += (f", head steps {r['head_step_schedule']} -> {r['head_steps_end']} "
