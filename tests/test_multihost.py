@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from arjax.commands import sample as generate
 from arjax.training import checkpoint
 from arjax.config import schema as configs
 from arjax.parallel import distributed
@@ -47,15 +48,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process_run(data_dir, workdir):
+def _two_process_run(data_dir, workdir, command="train", *extra):
+  """`python -m arjax COMMAND` as one job of two processes with 4 CPU devices each."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   flags = [f"--config={REPO_ROOT / 'configs/digits.py:smoke'}", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", "--config.mesh.shape=(2,2,2)",
            "--config.train.schedule=constant", f"--config.train.num_steps={STEPS}",
-           "--config.train.checkpoint_every=2",
+           "--config.train.checkpoint_every=2", *extra,
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen([sys.executable, "-m", "arjax", "train", *flags, f"--process_id={i}"],
+  procs = [subprocess.Popen([sys.executable, "-m", "arjax", command, *flags, f"--process_id={i}"],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
@@ -118,6 +120,28 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_workdir, da
   assert int(resumed.step) == int(reference.step) == STEPS + 2
   _assert_close(resumed.params, reference.params)
   _assert_close(resumed.opt_state, reference.opt_state)
+
+
+def test_two_processes_sample_each_image_once_as_one_process_draws_it(two_process_workdir,
+                                                                     data_dir, tmp_path):
+  """Each process writes the rows its devices hold into its own part files; process 0 merges
+  them once both are written (the barriers of arjax/commands/sample_parts.py). 24 images in
+  batches of 16: the last batch is padded, and its padding is never written."""
+  workdir = str(tmp_path / "sampled")
+  shutil.copytree(two_process_workdir[0], workdir)
+  request = ["--config.sample.num_images=24", "--config.sample.batch_size=16"]
+  outputs = _two_process_run(data_dir, workdir, "sample", *request)
+  assert "sample: drew 2 of 2 batches" in outputs[0]
+  assert not os.path.exists(os.path.join(workdir, "samples_parts"))  # merged, then removed
+
+  config = _config(data_dir, **{"sample.num_images": 24, "sample.batch_size": 16})
+  exp = Experiment(config)
+  params, _ = generate.restore_params(exp, workdir, config.sample.use_ema)
+  labels = generate.parse_labels("", 24, 10)
+  one_process = generate.sample_images(exp, params, labels, progress=False)
+  with np.load(os.path.join(workdir, "samples.npz")) as f:
+    np.testing.assert_array_equal(f["labels"], labels)
+    np.testing.assert_array_equal(f["images"], one_process)
 
 
 @pytest.mark.parametrize("flags, env, message", [
