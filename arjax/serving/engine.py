@@ -78,9 +78,10 @@ class EngineSettings:
         raise ValueError(f"--{name}={value!r}: an integer >= {low}")
     if self.slots > 4096:
       raise ValueError(f"--slots={self.slots}: at most 4096 (each slot holds a KV cache)")
-    for name in ("request_timeout_s", "shutdown_grace_s"):
+    for name, flag in (("request_timeout_s", "request_timeout"),
+                       ("shutdown_grace_s", "shutdown_grace")):
       if not getattr(self, name) > 0:
-        raise ValueError(f"--{name}={getattr(self, name)!r}: seconds > 0")
+        raise ValueError(f"--{flag}={getattr(self, name)!r}: seconds > 0")
 
 
 class Engine:
@@ -214,7 +215,9 @@ class _Slots:
 
   def __init__(self, decoder, params):
     self.decoder = decoder
-    self.state = decoder.init()
+    # Committed to the parameters' device, as every state a program returns is: a state of
+    # another placement would be traced again at its first admission.
+    self.state = jax.device_put(decoder.init(), jax.local_devices()[0])
     self.owner = [None] * decoder.num_slots
     self.left = [0] * decoder.num_slots
     self.last_used = time.monotonic()
@@ -252,10 +255,12 @@ class SlotEngine(Engine):
     pool = self._pool(self.sampler.num_steps)
     d = pool.decoder
     label, seed, cfg_scale, schedule, temperature = labels_and_settings
-    pool.state = d.admit(self.params, pool.state, 0, label=label, seed=seed, index=0,
-                         scales=d.guidance_scales(cfg_scale, schedule), temperature=temperature)
-    pool.state = d.step(self.params, pool.state)
-    np.asarray(d.image(pool.state, 0))
+    for _ in range(2):  # the second round checks that the first left nothing to trace
+      pool.state = d.admit(self.params, pool.state, 0, label=label, seed=seed, index=0,
+                           scales=d.guidance_scales(cfg_scale, schedule),
+                           temperature=temperature)
+      pool.state = d.step(self.params, pool.state)
+      np.asarray(d.image(pool.state, 0))
     return time.perf_counter() - start
 
   def _pool(self, num_steps):

@@ -201,8 +201,8 @@ def make_handler(service: Service):
     server_version = "arjax-serve"
     timeout = 60  # a client that sends nothing holds a thread no longer than this
 
-    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-      pass  # one line per poll would drown the log; errors are replied and counted
+    def log_request(self, code="-", size="-"):
+      pass  # one line per poll would drown the log; errors (log_error) are still printed
 
     def _send(self, status: int, body: bytes, content_type: str, headers=()):
       self.send_response(status)
@@ -316,13 +316,19 @@ def make_handler(service: Service):
   return Handler
 
 
+class Server(http.server.ThreadingHTTPServer):
+  # Connections waiting to be accepted: a burst of clients must not overflow the default 5
+  # while the engine thread holds the interpreter.
+  request_queue_size = 128
+
+
 def run(exp, workdir: str, *, host: str = "127.0.0.1", port: int = 8000,
         settings: engine_lib.EngineSettings = None) -> None:
   """Restores the workdir, compiles the default request, serves until SIGTERM / Ctrl-C."""
   settings = settings or engine_lib.EngineSettings()
   service = Service(exp, workdir, settings)
   try:
-    server = http.server.ThreadingHTTPServer((host, port), make_handler(service))
+    server = Server((host, port), make_handler(service))
   except OSError as e:
     raise OSError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
                   "pick another --port (0 = any free one)") from None
