@@ -36,7 +36,7 @@ prints the config's parameters, FLOPs per train step and per sampled image, and 
 device on its mesh, without compiling anything (see `arjax.perf.describe`).
 
     python -m arjax serve --workdir=DIR [--config=configs/X.py] [--port=8000] [--host=127.0.0.1]
-        [--engine=slots|sequential] [--slots=32] [--queue_size=64] [--request_timeout=300]
+        [--engine=slots|sequential|per_request] [--slots=32] [--queue_size=64] [--request_timeout=300]
 
 serves a demo page and a JSON API on http://HOST:PORT/ (class, count, CFG, temperature, steps,
 seed -> images) from DIR's newest checkpoint, many requests at once by continuous batching of
@@ -103,7 +103,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen o
                             "this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on; 0 = any free one.")
 _ENGINE = flags.DEFINE_string("engine", "slots", "serve: 'slots' (continuous batching of decode "
-                              "steps) or 'sequential' (one request at a time).")
+                              "steps), 'sequential' (one request at a time, padded 16-image batches: the server before "
+                              "slots) or 'per_request' (one at a time, batches fitted to each).")
 _SLOTS = flags.DEFINE_integer("slots", 32, "serve: batch slots of the slot engine (images "
                               "drawn at once).")
 _QUEUE_SIZE = flags.DEFINE_integer("queue_size", 64, "serve: requests that may wait for a slot; "

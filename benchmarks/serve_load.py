@@ -4,8 +4,9 @@
         [--requests=64] [--slots=32] [--out=FILE.json]
     python benchmarks/serve_load.py --url=http://127.0.0.1:PORT/ [--clients=4] [--requests=12]
 
-With --workdir it starts one server per engine (`--engine=slots`, then `--engine=sequential`,
-the one-request-at-a-time path) on a free port, runs the same request mix against each and
+With --workdir it starts one server per engine on a free port (`--engine=slots`; then
+`--engine=sequential`, the server before slots: one request at a time, each a padded batch of
+16; then `--engine=per_request`: one request at a time, each a batch fitted to its count), runs the same request mix against each and
 prints them side by side; with --url it loads a running server. Every client streams its
 request (`"stream": true`) and checks what comes back: each image index exactly once and a
 final `done`. A 429 (the queue is full) is waited out (Retry-After) and sent again, counted;
@@ -177,7 +178,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", help="start a server per engine on this workdir")
   parser.add_argument("--url", help="load a running server instead")
-  parser.add_argument("--engines", default="slots,sequential")
+  parser.add_argument("--engines", default="slots,sequential,per_request")
   parser.add_argument("--clients", type=int, default=16)
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--slots", type=int, default=32)
@@ -201,9 +202,10 @@ def main(argv=None):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
       reports[engine]["server_exit_status"] = process.returncode
-  if "slots" in reports and "sequential" in reports:
-    reports["speedup_images_per_second"] = round(
-        reports["slots"]["images_per_second"] / reports["sequential"]["images_per_second"], 2)
+  for baseline in ("sequential", "per_request"):
+    if "slots" in reports and baseline in reports:
+      reports[f"speedup_over_{baseline}"] = round(
+          reports["slots"]["images_per_second"] / reports[baseline]["images_per_second"], 2)
   reports["settings"] = {"clients": args.clients, "requests": args.requests,
                          "slots": args.slots, "queue_size": args.queue_size, "seed": args.seed,
                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

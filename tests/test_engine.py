@@ -164,13 +164,14 @@ def test_a_family_without_slots_is_served_one_request_at_a_time():
                                   metrics_lib.ServerMetrics(), TRACES, log=said.append)
   assert isinstance(engine, engine_lib.SequentialEngine)
   assert said == ["serve: config.model.family='mar' has no slot decoder "
-                  "(Family.slot_decoder): serving one request at a time (--engine=sequential)"]
+                  "(Family.slot_decoder): serving one request at a time (--engine=per_request)"]
+  assert engine.name == "per_request"
 
 
 @pytest.mark.parametrize("settings, says", [
     ({"slots": 0}, "--slots=0: an integer >= 1"),
     ({"queue_size": 2.5}, "--queue_size=2.5: an integer >= 1"),
-    ({"engine": "fast"}, "--engine='fast': 'slots' or 'sequential'"),
+    ({"engine": "fast"}, "--engine='fast': one of 'slots', 'sequential', 'per_request'"),
     ({"request_timeout_s": 0}, "--request_timeout=0: seconds > 0"),
 ])
 def test_engine_settings_are_checked(settings, says):

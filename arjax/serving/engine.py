@@ -10,10 +10,13 @@ unit to its request at once; the slot is free for the next step. Shapes never ch
 requests coming and going compile nothing. An image depends on (class, seed, its index,
 settings) only, so it is the image `python -m arjax sample` draws for the same.
 
-`SequentialEngine` is the server before slots (and the fallback for a family without
-`Family.slot_decoder`): one request at a time through the family's sampler, in batches of a
-power of two up to `SEQUENTIAL_BATCH` (one compiled program per batch size and guidance
-on/off). `benchmarks/serve_load.py` compares the two.
+`SequentialEngine` is the server before slots (`--engine=sequential`, and the fallback for a
+family without `Family.slot_decoder`): one request at a time through the family's sampler,
+in batches of `SEQUENTIAL_BATCH` images (the old 4 x 4 grid; a smaller request is padded to
+it), one compiled program per guidance on/off. `--engine=per_request` is the same with each
+batch the power of two that fits the request (one program per batch size and guidance):
+per-request batching at its best, which the slot engine must also beat.
+`benchmarks/serve_load.py` compares the three.
 
 Both take `Job`s (arjax/serving/jobs.py) through `submit`, which refuses with `QueueFull` when
 `queue_size` requests wait for their first image to start, and `shutdown`, which rejects
@@ -34,6 +37,7 @@ from arjax.sampling.slots import SlotsUnsupported
 from arjax.serving import jobs as jobs_lib
 
 SEQUENTIAL_BATCH = 16  # the old server's 4 x 4 grid: the largest batch of one sampler call
+ENGINES = ("slots", "sequential", "per_request")
 MAX_DECODERS = 4  # head-step counts with compiled slots at once (each is its own program)
 # Emitted by JAX each time it traces a function for a (new) jit cache entry.
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -63,15 +67,15 @@ class TraceCounter:
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
   """`serve`'s engine flags, checked at start-up (ValueError naming the flag)."""
-  engine: str = "slots"       # 'slots' | 'sequential'
+  engine: str = "slots"       # 'slots' | 'sequential' | 'per_request' (module docstring)
   slots: int = 32             # slots per head-step count (the slot engine's batch)
   queue_size: int = 64        # requests waiting for their first slot before a 429
   request_timeout_s: float = 300.0  # default and largest `timeout_s` of a request
   shutdown_grace_s: float = 60.0    # SIGTERM: how long running requests may take to finish
 
   def __post_init__(self):
-    if self.engine not in ("slots", "sequential"):
-      raise ValueError(f"--engine={self.engine!r}: 'slots' or 'sequential'")
+    if self.engine not in ENGINES:
+      raise ValueError(f"--engine={self.engine!r}: one of {', '.join(map(repr, ENGINES))}")
     for name, low in (("slots", 1), ("queue_size", 1)):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -354,6 +358,7 @@ class SequentialEngine(Engine):
 
   def __init__(self, sampler, params, settings, metrics, traces):
     super().__init__(sampler, params, settings, metrics, traces)
+    self.name = settings.engine  # 'sequential' (grid batches) or 'per_request' (fitted)
     self._samplers = collections.OrderedDict()  # num_steps -> sampler, least recent first
     self._current = None
 
@@ -410,7 +415,9 @@ class SequentialEngine(Engine):
           if job.is_final():
             break
         chunk = job.labels[start:start + SEQUENTIAL_BATCH]
-        batch = min(SEQUENTIAL_BATCH, 1 << (len(chunk) - 1).bit_length())  # a power of two
+        batch = SEQUENTIAL_BATCH
+        if self.name == "per_request":  # the power of two that fits
+          batch = min(SEQUENTIAL_BATCH, 1 << (len(chunk) - 1).bit_length())
         images = sampler(self.params, np.resize(chunk, batch), rng, first_index=start,
                          cfg_scale=job.cfg_scale, cfg_schedule_name=job.cfg_schedule,
                          temperature=job.temperature)
@@ -430,6 +437,6 @@ def make_engine(exp, params, settings: EngineSettings, metrics, traces, log=prin
     try:
       return SlotEngine(exp.family, sampler, params, settings, metrics, traces)
     except SlotsUnsupported as e:
-      log(f"serve: {e}: serving one request at a time (--engine=sequential)")
-      settings = dataclasses.replace(settings, engine="sequential")
+      log(f"serve: {e}: serving one request at a time (--engine=per_request)")
+      settings = dataclasses.replace(settings, engine="per_request")
   return SequentialEngine(sampler, params, settings, metrics, traces)

@@ -1,7 +1,7 @@
 """`serve`: many requests at once over HTTP, drawn by continuous batching of decode steps.
 
     python -m arjax serve --workdir=DIR [--config=configs/X.py] [--port=8000] [--host=127.0.0.1]
-        [--engine=slots|sequential] [--slots=32] [--queue_size=64] [--request_timeout=300]
+        [--engine=slots|sequential|per_request] [--slots=32] [--queue_size=64] [--request_timeout=300]
 
 Standard library only (`http.server`, one thread per connection). Loopback by default and no
 authentication: anyone who can reach the port can use the model.
@@ -22,8 +22,9 @@ authentication: anyone who can reach the port can use the model.
 
 The engines (arjax/serving/engine.py): `slots` decodes every request's images in a fixed
 number of batch slots, one compiled step for all, admitting new images at step boundaries;
-`sequential` answers one request at a time (the server before slots, kept for comparison and
-for families without `Family.slot_decoder`). Either way image i of a request with seed S is
+`sequential` answers one request at a time in padded batches of 16 (the server before slots,
+kept for comparison) and `per_request` one at a time in batches fitted to each (also the
+fallback for families without `Family.slot_decoder`). Either way image i of a request with seed S is
 image i of `python -m arjax sample --config.sample.seed=S` with the same class and settings.
 
 A request ends when all of its images are drawn, when its `timeout_s` passes (status
