@@ -11,7 +11,7 @@ prints them side by side; with --url it loads a running server. Every client str
 request (`"stream": true`) and checks what comes back: each image index exactly once and a
 final `done`. A 429 (the queue is full) is waited out (Retry-After) and sent again, counted;
 any other error, a lost request (no `done`) or a duplicated image is counted and makes the
-exit status 1. The mix is drawn from --seed: classes, counts 1/2/4/8, CFG 1 (none) / 1.6 / 3
+exit status 1. The mix is drawn from --seed: classes, counts (--counts, 1/2/4/8), CFG 1 (none) / 1.6 / 3
 with both ramps, temperatures 0.9 / 1 / 1.15, seeds; head steps are the config's.
 
 Reported per engine: images/s (images over the wall time from the first request to the last
@@ -39,11 +39,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 URL_LINE = re.compile(r"arjax demo page: (http://127\.0\.0\.1:\d+/)")
 
 
-def request_mix(num_requests: int, seed: int, num_classes: int = 10):
+def request_mix(num_requests: int, seed: int, num_classes: int = 10, counts=(1, 2, 4, 8)):
   rng = random.Random(seed)
   mix = []
   for _ in range(num_requests):
-    count = rng.choice((1, 2, 4, 8))
+    count = rng.choice(counts)
     mix.append({"count": count,
                 "labels": [rng.randrange(num_classes) for _ in range(rng.choice((1, count)))],
                 "cfg_scale": rng.choice((1.0, 1.6, 3.0)),
@@ -184,11 +184,13 @@ def main(argv=None):
   parser.add_argument("--slots", type=int, default=32)
   parser.add_argument("--queue_size", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--counts", default="1,2,4,8", help="images per request, drawn from these")
   parser.add_argument("--out", help="write the report here as JSON")
   args = parser.parse_args(argv)
   if (args.workdir is None) == (args.url is None):
     parser.error("give --workdir (start servers) or --url (a running one)")
-  mix = request_mix(args.requests, args.seed)
+  counts = tuple(int(c) for c in args.counts.split(","))
+  mix = request_mix(args.requests, args.seed, counts=counts)
   reports = {}
   if args.url:
     reports["server"] = load_one(args.url, mix, args.clients)
@@ -206,7 +208,7 @@ def main(argv=None):
     if "slots" in reports and baseline in reports:
       reports[f"speedup_over_{baseline}"] = round(
           reports["slots"]["images_per_second"] / reports[baseline]["images_per_second"], 2)
-  reports["settings"] = {"clients": args.clients, "requests": args.requests,
+  reports["settings"] = {"clients": args.clients, "requests": args.requests, "counts": counts,
                          "slots": args.slots, "queue_size": args.queue_size, "seed": args.seed,
                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
   text = json.dumps(reports, indent=1)

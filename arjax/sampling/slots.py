@@ -37,6 +37,10 @@ class SlotDecoder(abc.ABC):
   num_slots: int
   #: Steps from admission to a finished image (the causal family's token count).
   num_units: int
+  #: The widths `step` is compiled for, ascending, the last `num_slots`: the engine steps the
+  #: narrowest that holds every live slot (it fills the lowest free slots first), so a lightly
+  #: loaded server does not pay for empty slots. Each width is one program, compiled at start.
+  step_widths: tuple = ()
 
   @abc.abstractmethod
   def guidance_scales(self, cfg_scale: float, cfg_schedule_name: str) -> np.ndarray:
@@ -52,8 +56,9 @@ class SlotDecoder(abc.ABC):
     """State with slot `slot` starting image `index` of a request with key PRNGKey(seed)."""
 
   @abc.abstractmethod
-  def step(self, params, state) -> Any:
-    """State with every slot one unit further."""
+  def step(self, params, state, width: int) -> Any:
+    """State with slots [0, width) one unit further (`width` one of `step_widths`); the
+    others are left as they are."""
 
   @abc.abstractmethod
   def image(self, state, slot: int):

@@ -5,8 +5,9 @@ for AR models): a scheduler thread owns one `SlotDecoder` (arjax/sampling/slots.
 step count, each a fixed number of slots. Between two steps it drops the slots of requests
 that ended (timed out, cancelled: a client that went away), admits queued images into free
 slots (FIFO; a request's images may spread over several steps' admissions), then runs ONE
-compiled step that advances every slot by one unit, and hands every image that took its last
-unit to its request at once; the slot is free for the next step. Shapes never change, so
+compiled step that advances every slot by one unit (the narrowest of the decoder's compiled
+widths that holds every live slot: new images take the lowest free slots), and hands every
+image that took its last unit to its request at once; the slot is free for the next step. Shapes never change, so
 requests coming and going compile nothing. An image depends on (class, seed, its index,
 settings) only, so it is the image `python -m arjax sample` draws for the same.
 
@@ -232,6 +233,11 @@ class _Slots:
   def live(self) -> int:
     return sum(o is not None for o in self.owner)
 
+  def width(self) -> int:
+    """The narrowest compiled step holding every live slot."""
+    highest = max((s for s, o in enumerate(self.owner) if o is not None), default=0)
+    return next(w for w in self.decoder.step_widths if w > highest)
+
 
 class SlotEngine(Engine):
   """Continuous batching in slots (the module docstring)."""
@@ -263,7 +269,8 @@ class SlotEngine(Engine):
       pool.state = d.admit(self.params, pool.state, 0, label=label, seed=seed, index=0,
                            scales=d.guidance_scales(cfg_scale, schedule),
                            temperature=temperature)
-      pool.state = d.step(self.params, pool.state)
+      for width in d.step_widths:
+        pool.state = d.step(self.params, pool.state, width)
       np.asarray(d.image(pool.state, 0))
     return time.perf_counter() - start
 
@@ -335,9 +342,10 @@ class SlotEngine(Engine):
       for pool in list(self.pools.values()):
         if not pool.live():
           continue
-        pool.state = pool.decoder.step(self.params, pool.state)
+        width = pool.width()
+        pool.state = pool.decoder.step(self.params, pool.state, width)
         pool.last_used = time.monotonic()
-        for slot, owner in enumerate(pool.owner):
+        for slot, owner in enumerate(pool.owner[:width]):
           if owner is not None:
             pool.left[slot] -= 1
             if pool.left[slot] == 0:

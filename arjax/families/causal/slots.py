@@ -4,7 +4,8 @@ A slot is the sampler's guided batch of one image: two cache rows, the class and
 class (`sample_tokens`' rows b and B + b), fed the same token. `step` is `token_step`, the body
 of the sampler's scan, `jax.vmap`ped over slots, each slot at its own position: the position
 indexes the slot's position embedding, its cache write and its CFG scale, and its key is
-fold_in(image key, position), the sampler's draw for that image at that position. So a slot
+fold_in(image key, position), the sampler's draw for that image at that position (`step` runs
+the first `width` slots only, one program per width in `step_widths`). So a slot
 draws what `Sampler` draws for (class, seed, index, settings) whichever positions the other
 slots are at (up to float reduction order: a batch of 2 rows, not 2B).
 
@@ -40,8 +41,9 @@ class CausalSlots(SlotDecoder):
     self.sampler, self.num_slots = sampler, num_slots
     self.model, self.tokenizer = sampler.model, sampler.tokenizer
     self.num_units = self.tokenizer.num_tokens
+    self.step_widths = tuple(sorted({max(1, num_slots // 4), max(1, num_slots // 2), num_slots}))
     self._admit = jax.jit(self._admit_slot, donate_argnums=(1,))
-    self._step = jax.jit(self._step_slots, donate_argnums=(1,))
+    self._step = jax.jit(self._step_slots, donate_argnums=(1,), static_argnums=(2,))
     self._image = jax.jit(self._slot_image)
 
   def guidance_scales(self, cfg_scale, cfg_schedule_name):
@@ -74,7 +76,7 @@ class CausalSlots(SlotDecoder):
     return jax.tree.map(lambda whole, one: whole.at[slot].set(one.astype(whole.dtype)),
                         state, new)
 
-  def _step_slots(self, params, state):
+  def _step_slots(self, params, state, width):
     s = self.sampler
     last = self.num_units - 1
 
@@ -88,10 +90,12 @@ class CausalSlots(SlotDecoder):
       tokens = jax.lax.dynamic_update_index_in_dim(tokens, token[0], at, 0)
       return position + 1, z_next, cache, tokens
 
+    live = jax.tree.map(lambda x: x[:width], state)  # slots [0, width)
     position, z, cache, tokens = jax.vmap(one_slot)(
-        state["key"], state["position"], state["scales"], state["temperature"], state["z"],
-        state["cache"], state["tokens"])
-    return dict(state, position=position, z=z, cache=cache, tokens=tokens)
+        live["key"], live["position"], live["scales"], live["temperature"], live["z"],
+        live["cache"], live["tokens"])
+    stepped = dict(live, position=position, z=z, cache=cache, tokens=tokens)
+    return jax.tree.map(lambda whole, part: whole.at[:width].set(part), state, stepped)
 
   def _slot_image(self, state, slot):
     return self.tokenizer.decode(state["tokens"][slot][None])[0]
@@ -103,8 +107,8 @@ class CausalSlots(SlotDecoder):
                        jnp.int32(index), jnp.asarray(scales, jnp.float32),
                        jnp.float32(temperature))
 
-  def step(self, params, state):
-    return self._step(params, state)
+  def step(self, params, state, width):
+    return self._step(params, state, width)
 
   def image(self, state, slot):
     return self._image(state, jnp.int32(slot))
