@@ -157,6 +157,24 @@ def test_a_full_queue_refuses_and_shutdown_rejects_what_has_not_started(served):
     submit(engine, [7])
 
 
+@pytest.mark.parametrize("name", ["sequential", "per_request"])
+def test_one_request_at_a_time_draws_the_same_images(served, name):
+  # The comparison engines of benchmarks/serve_load.py: a padded 16-image batch, or the
+  # power of two that fits (4 for 3 images); the images are the slot engine's and sample's.
+  exp, params = served
+  engine = engine_lib.SequentialEngine(exp.sampler(), params,
+                                       engine_lib.EngineSettings(engine=name),
+                                       metrics_lib.ServerMetrics(), TRACES)
+  engine.start()
+  try:
+    job = submit(engine, [8, 0, 8], seed=5, cfg_scale=2.0)
+    wait(job)
+    assert job.status == jobs_lib.DONE and engine.name == name
+    assert_same_images(job, sampler_images(served, job))
+  finally:
+    engine.shutdown(log=lambda _: None)
+
+
 def test_a_family_without_slots_is_served_one_request_at_a_time():
   exp = Experiment(configs.load(str(REPO_ROOT / "configs/digits_mar.py:smoke")))
   said = []
