@@ -218,7 +218,7 @@ class Engine:
 class _Slots:
   """One decoder's slots: who owns each (job, image index) and how many steps it still needs."""
 
-  def __init__(self, decoder, params):
+  def __init__(self, decoder):
     self.decoder = decoder
     # Committed to the parameters' device, as every state a program returns is: a state of
     # another placement would be traced again at its first admission.
@@ -276,12 +276,13 @@ class SlotEngine(Engine):
 
   def _pool(self, num_steps):
     if num_steps not in self.pools:
-      idle = [n for n, p in self.pools.items() if p.live() == 0]
+      idle = sorted((p.last_used, n) for n, p in self.pools.items() if p.live() == 0)
+      idle = [n for _, n in idle]  # least recently stepped first
       if len(self.pools) >= MAX_DECODERS:
         if not idle:
           return None  # every decoder busy: the request waits for one to drain
         del self.pools[idle[0]]
-      self.pools[num_steps] = _Slots(self._make_decoder(num_steps), self.params)
+      self.pools[num_steps] = _Slots(self._make_decoder(num_steps))
     return self.pools[num_steps]
 
   def live_slots(self) -> int:

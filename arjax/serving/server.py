@@ -44,8 +44,8 @@ import select
 import signal
 import socket
 import threading
-import time
 
+import numpy as np
 from PIL import Image
 
 from arjax.training import checkpoint
@@ -171,7 +171,6 @@ class Service:
              "error": error, "latency_seconds": latency, "queued_seconds": queued,
              "compiled": compiled, "request": job.request}
     if status == jobs_lib.DONE:
-      import numpy as np  # pylint: disable=import-outside-toplevel
       reply["grid"] = data_url(grid_png(np.stack(images)))
     return reply
 

@@ -11,14 +11,13 @@ slots are at (up to float reduction order: a batch of 2 rows, not 2B).
 
 Every slot runs guided: a request with cfg_scale = 1 gets v_u + 1 * (v_c - v_u), which is the
 unguided sampler's v_c up to one rounding per ODE step; one program then serves every
-request. Slots past their last position keep stepping (static shapes) at a clamped position
-and their results are ignored until the engine admits a new image there.
+request. A slot past its last position that lies inside the stepped width keeps stepping at
+its clamped last position (static shapes); its results are ignored until the engine admits a
+new image there.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from arjax.families.causal.model import ARModel
 from arjax.families.causal.sampler import token_step
