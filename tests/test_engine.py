@@ -77,8 +77,9 @@ def assert_same_images(job, expected):
 def test_images_joining_mid_decode_are_the_samplers_images(served):
   engine = make_slot_engine(served, slots=4)
   try:
-    # 6 images in 4 slots: two wait for slots that free up (eviction, then reuse).
-    first = submit(engine, [3, 1, 4, 1, 5, 9], seed=7, cfg_scale=2.0)
+    # 14 images in 4 slots: ten wait for slots that free up (eviction, then reuse), and
+    # `first` is still decoding rounds later, when the others join.
+    first = submit(engine, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], seed=7, cfg_scale=2.0)
     wait(first, until=lambda job: job.num_done >= 1)
     # Joins while `first` is mid-decode, with other settings, unguided, constant ramp.
     second = submit(engine, [2, 7, 2], seed=11, cfg_scale=1.0, cfg_schedule="constant",

@@ -297,8 +297,8 @@ def test_sigterm_finishes_running_requests_and_rejects_queued_ones(smoke_run, tm
     def client(name, body):
       streams[name] = post(url, dict(body, stream=True))
 
-    # 2 slots: `running` holds both for 40 rounds; the other two wait behind it.
-    threads = [threading.Thread(target=client, args=("running", {"count": 80}))]
+    # 2 slots: `running` holds both for 100 rounds; the other two wait behind it.
+    threads = [threading.Thread(target=client, args=("running", {"count": 200}))]
     threads[0].start()
     while not metric(url, "arjax_live_slots"):
       time.sleep(0.02)
@@ -319,7 +319,7 @@ def test_sigterm_finishes_running_requests_and_rejects_queued_ones(smoke_run, tm
   assert log.rstrip().endswith("serve: stopped")
   status, lines, _ = streams["running"]
   assert status == 200 and lines[-1]["status"] == "done"
-  assert len([line for line in lines if "index" in line]) == 80
+  assert len([line for line in lines if "index" in line]) == 200
   for name in ("queued_1", "queued_2"):
     status, lines, _ = streams[name]
     assert status == 200 and lines[-1]["status"] == "rejected", lines[-1]
