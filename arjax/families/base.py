@@ -177,10 +177,9 @@ class Family(Plugin, abc.ABC):
         f"--mode=decode times one KV-cached generation step; config.model.family="
         f"{self.name!r} has none to time alone: time it with --mode=sample")
 
-  def slot_decoder(self, sampler, num_slots: int, guided: bool = True):
+  def slot_decoder(self, sampler, num_slots: int):
     """A `SlotDecoder` (arjax/sampling/slots.py) of `num_slots` slots drawing the images
-    `sampler` draws, with guidance (cfg_scale != 1) or without (`guided`, static as in the
-    sampler), for `python -m arjax serve`'s continuous batching; raises
+    `sampler` draws, for `python -m arjax serve`'s continuous batching; raises
     `SlotsUnsupported` saying why where this family (or the sampler's settings) has none."""
     from arjax.sampling.slots import SlotsUnsupported  # pylint: disable=import-outside-toplevel
     raise SlotsUnsupported(f"config.model.family={self.name!r} has no slot decoder "

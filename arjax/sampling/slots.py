@@ -14,9 +14,7 @@ a slot equals the one the family's sampler draws for the same (class, seed, inde
 whatever the other slots hold (up to float reduction order, as tests/test_determinism.py
 bounds it for batch splits).
 
-A family supplies one through `Family.slot_decoder(sampler, num_slots, guided)`
-(arjax/families/base.py; guidance is static, as in the samplers: the engine keeps a decoder
-for guided requests and one for unguided ones);
+A family supplies one through `Family.slot_decoder(sampler, num_slots)` (arjax/families/base.py);
 one that cannot raises `SlotsUnsupported` saying why, and the server then batches per request.
 """
 import abc
@@ -30,8 +28,7 @@ class SlotsUnsupported(NotImplementedError):
 
 
 class SlotDecoder(abc.ABC):
-  """Slots of one sampler (one head-step count, static inside the head's ODE scan) and one
-  guidance setting (on: cfg_scale != 1, or off).
+  """Slots of one sampler (one head-step count: it is static inside the head's ODE scan).
 
   The state is a pytree the engine threads through `admit` and `step` (which may donate it);
   only the engine's scheduler thread touches it.

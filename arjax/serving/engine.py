@@ -2,8 +2,7 @@
 
 `SlotEngine` (the default) is continuous batching of decode steps (Flover's temporal fusion
 for AR models): a scheduler thread owns one `SlotDecoder` (arjax/sampling/slots.py) per head
-step count and guidance on/off (both static in a program, as in the sampler), each a fixed
-number of slots. Between two steps it drops the slots of requests
+step count, each a fixed number of slots. Between two steps it drops the slots of requests
 that ended (timed out, cancelled: a client that went away), admits queued images into free
 slots (FIFO; a request's images may spread over several steps' admissions), then runs ONE
 compiled step that advances every slot by one unit (the narrowest of the decoder's compiled
@@ -40,7 +39,7 @@ from arjax.serving import jobs as jobs_lib
 
 SEQUENTIAL_BATCH = 16  # the old server's 4 x 4 grid: the largest batch of one sampler call
 ENGINES = ("slots", "sequential", "per_request")
-MAX_DECODERS = 4  # (head steps, guidance) pairs with slots at once (each its own programs)
+MAX_DECODERS = 4  # head-step counts with compiled slots at once (each is its own program)
 # Emitted by JAX each time it traces a function for a (new) jit cache entry.
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 
@@ -250,37 +249,32 @@ class SlotEngine(Engine):
     # One device: the slots' states live there, and so do the parameters (on a simulated
     # multi-device CPU every replica would compute every slot).
     self.params = jax.device_put(params, jax.local_devices()[0])
-    # (num_steps, guided) -> _Slots: both are static in a step program (the head's ODE scan;
-    # the null-class rows of CFG), as in the sampler (guided: cfg_scale != 1).
-    self.pools = collections.OrderedDict()
-    self._make_decoder((sampler.num_steps, True))  # fails early for a family without slots
+    self.pools = collections.OrderedDict()   # num_steps -> _Slots
+    self._make_decoder(sampler.num_steps)     # fails early for a family without slots
 
-  def _make_decoder(self, key):
-    num_steps, guided = key
+  def _make_decoder(self, num_steps: int):
     sampler = self.sampler
     if sampler.num_steps != num_steps:
       sampler = dataclasses.replace(sampler, num_steps=num_steps)
-    return self.family.slot_decoder(sampler, self.settings.slots, guided=guided)
+    return self.family.slot_decoder(sampler, self.settings.slots)
 
   def warm_up(self, labels_and_settings) -> float:
-    """Compiles the default head-step count's admit, step and image programs, guided and
-    unguided (the first request would otherwise wait for them). Returns the seconds."""
+    """Compiles the default head-step count's admit, step and image programs (the first
+    request would otherwise wait for them). Returns the seconds it took."""
     start = time.perf_counter()
+    pool = self._pool(self.sampler.num_steps)
+    d = pool.decoder
     label, seed, cfg_scale, schedule, temperature = labels_and_settings
-    for guided in (True, False):
-      pool = self._pool((self.sampler.num_steps, guided))
-      d = pool.decoder
-      for _ in range(2):  # the second round checks that the first left nothing to trace
-        pool.state = d.admit(self.params, pool.state, 0, label=label, seed=seed, index=0,
-                             scales=d.guidance_scales(cfg_scale, schedule),
-                             temperature=temperature)
-        for width in d.step_widths:
-          pool.state = d.step(self.params, pool.state, width)
-        np.asarray(d.image(pool.state, 0))
+    for _ in range(2):  # the second round checks that the first left nothing to trace
+      pool.state = d.admit(self.params, pool.state, 0, label=label, seed=seed, index=0,
+                           scales=d.guidance_scales(cfg_scale, schedule),
+                           temperature=temperature)
+      for width in d.step_widths:
+        pool.state = d.step(self.params, pool.state, width)
+      np.asarray(d.image(pool.state, 0))
     return time.perf_counter() - start
 
-  def _pool(self, key):
-    num_steps = key
+  def _pool(self, num_steps):
     if num_steps not in self.pools:
       idle = sorted((p.last_used, n) for n, p in self.pools.items() if p.live() == 0)
       idle = [n for _, n in idle]  # least recently stepped first
@@ -314,7 +308,7 @@ class SlotEngine(Engine):
       if job.is_final():
         self.queue.remove(job)
         continue
-      pool = self._pool((job.num_steps, job.cfg_scale != 1.0))
+      pool = self._pool(job.num_steps)
       if pool is None:
         continue
       free = pool.free()

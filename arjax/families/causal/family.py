@@ -153,10 +153,10 @@ class CausalFamily(base.Family):
     n = exp.tokenizer.num_tokens
     return prefill, one_token, (0, n // 2, n - 1)
 
-  def slot_decoder(self, sampler, num_slots, guided=True):
+  def slot_decoder(self, sampler, num_slots):
     """Slots with their own position and KV cache (arjax/families/causal/slots.py)."""
     from arjax.families.causal import slots  # pylint: disable=import-outside-toplevel
-    return slots.slot_decoder(sampler, num_slots, guided)
+    return slots.slot_decoder(sampler, num_slots)
 
   def describe_line(self, config):
     m = config.model

@@ -1,7 +1,7 @@
 """The causal family's slot decoder: every slot its own position and KV cache, one step for all.
 
-A slot is the sampler's batch of one image: with guidance two cache rows, the class and the
-null class (`sample_tokens`' rows b and B + b), fed the same token. `step` is `token_step`, the body
+A slot is the sampler's guided batch of one image: two cache rows, the class and the null
+class (`sample_tokens`' rows b and B + b), fed the same token. `step` is `token_step`, the body
 of the sampler's scan, `jax.vmap`ped over slots, each slot at its own position: the position
 indexes the slot's position embedding, its cache write and its CFG scale, and its key is
 fold_in(image key, position), the sampler's draw for that image at that position (`step` runs
@@ -9,9 +9,9 @@ the first `width` slots only, one program per width in `step_widths`). So a slot
 draws what `Sampler` draws for (class, seed, index, settings) whichever positions the other
 slots are at (up to float reduction order: a batch of 2 rows, not 2B).
 
-Guidance is static, as in the sampler: guided slots (cfg_scale != 1) hold both rows, unguided
-ones (`guided=False`, their own decoder) the class row alone, so an unguided image costs half
-and is drawn by the very program the unguided sampler runs per row. A slot past its last position that lies inside the stepped width keeps stepping at
+Every slot runs guided: a request with cfg_scale = 1 gets v_u + 1 * (v_c - v_u), which is the
+unguided sampler's v_c up to one rounding per ODE step; one program then serves every
+request. A slot past its last position that lies inside the stepped width keeps stepping at
 its clamped last position (static shapes); its results are ignored until the engine admits a
 new image there.
 """
@@ -30,15 +30,14 @@ from arjax.sampling.slots import SlotDecoder, SlotsUnsupported
 class CausalSlots(SlotDecoder):
   """Slots of a causal `Sampler` (arjax/families/causal/sampler.py), constant head steps."""
 
-  def __init__(self, sampler, num_slots: int, guided: bool = True):
+  def __init__(self, sampler, num_slots: int):
     if step_schedule.parse(sampler.head_step_schedule) != "constant":
       # Per-position step counts would differ between slots at different positions, and the
       # count is static inside the head's ODE scan.
       raise SlotsUnsupported(
           f"sample.head_step_schedule={sampler.head_step_schedule!r}: slots decode with a "
           "constant head step count only")
-    self.sampler, self.num_slots, self.guided = sampler, num_slots, guided
-    self.rows = 2 if guided else 1  # the class and (guided) the null class
+    self.sampler, self.num_slots = sampler, num_slots
     self.model, self.tokenizer = sampler.model, sampler.tokenizer
     self.num_units = self.tokenizer.num_tokens
     self.step_widths = tuple(sorted({max(1, num_slots // 4), max(1, num_slots // 2), num_slots}))
@@ -52,13 +51,13 @@ class CausalSlots(SlotDecoder):
   def init(self):
     s, t, d = self.num_slots, self.num_units, self.tokenizer.token_dim
     backbone = self.model.backbone
-    cache = backbone.init_cache(self.rows, jnp.float32)  # the sampler's cache dtype
+    cache = backbone.init_cache(2, jnp.float32)  # the sampler's cache dtype
     return {
         "key": jnp.zeros((s, 2), jnp.uint32),
         "position": jnp.full((s,), t, jnp.int32),  # empty slots sit past the end
         "scales": jnp.ones((s, t), jnp.float32),
         "temperature": jnp.ones((s,), jnp.float32),
-        "z": jnp.zeros((s, self.rows, backbone.width), jnp.float32),
+        "z": jnp.zeros((s, 2, backbone.width), jnp.float32),
         "cache": jax.tree.map(lambda c: jnp.zeros((s,) + c.shape, c.dtype), cache),
         "tokens": jnp.zeros((s, t, d), jnp.float32),
     }
@@ -67,8 +66,7 @@ class CausalSlots(SlotDecoder):
 
   def _admit_slot(self, params, state, slot, label, seed, index, scales, temperature):
     labels = jnp.stack([label, jnp.int32(self.model.backbone.num_classes)])  # class, null
-    labels = labels[:self.rows]
-    cache = self.model.backbone.init_cache(self.rows, jnp.float32)
+    cache = self.model.backbone.init_cache(2, jnp.float32)
     z, cache = self.model.apply({"params": params}, labels, cache, method=ARModel.prefill)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)  # `image_keys`' key
     new = {"key": key, "position": jnp.int32(0), "scales": scales,
@@ -86,7 +84,7 @@ class CausalSlots(SlotDecoder):
       keys = noise_draws.fold_in(key[None], at)  # [1]: the sampler's per-row draw
       token, z_next, cache = token_step(
           params, z, cache, at, keys, scales[at], temperature, model=self.model,
-          head=s.head_for_sampling, guided=self.guided, num_steps=s.num_steps,
+          head=s.head_for_sampling, guided=True, num_steps=s.num_steps,
           cfg_interval=tuple(s.cfg_interval), value_range=s.value_range)
       tokens = jax.lax.dynamic_update_index_in_dim(tokens, token[0], at, 0)
       return position + 1, z_next, cache, tokens
@@ -115,5 +113,5 @@ class CausalSlots(SlotDecoder):
     return self._image(state, jnp.int32(slot))
 
 
-def slot_decoder(sampler, num_slots: int, guided: bool = True) -> CausalSlots:
-  return CausalSlots(sampler, num_slots, guided)
+def slot_decoder(sampler, num_slots: int) -> CausalSlots:
+  return CausalSlots(sampler, num_slots)
