@@ -392,3 +392,11 @@ def test_missing_or_empty_workdir_is_refused_before_serving(tmp_path):
   assert f"--workdir={empty} holds no checkpoint: train first" in log
   assert "arjax demo page" not in log
   assert os.listdir(empty) == []  # nothing written into it
+
+
+def test_bad_engine_flags_are_refused_before_serving(smoke_run, tmp_path):
+  _, workdir, _ = smoke_run
+  refused = start_server(workdir, tmp_path / "slots.log", "--slots=0")
+  assert refused.wait(timeout=300) != 0
+  log = (tmp_path / "slots.log").read_text()
+  assert "error: --slots=0: an integer >= 1" in log and "arjax demo page" not in log
