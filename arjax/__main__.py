@@ -36,10 +36,11 @@ prints the config's parameters, FLOPs per train step and per sampled image, and 
 device on its mesh, without compiling anything (see `arjax.perf.describe`).
 
     python -m arjax serve --workdir=DIR [--config=configs/X.py] [--port=8000] [--host=127.0.0.1]
+        [--engine=slots|sequential|per_request] [--slots=32] [--queue_size=64] [--request_timeout=300]
 
-serves a demo page on http://HOST:PORT/ (class, CFG, temperature, steps, seed -> a sample grid
-and its sampling time) from DIR's newest checkpoint; the config defaults to DIR/config.json
-(see `arjax.serving.server`).
+serves a demo page and a JSON API on http://HOST:PORT/ (class, count, CFG, temperature, steps,
+seed -> images) from DIR's newest checkpoint, many requests at once by continuous batching of
+decode steps; the config defaults to DIR/config.json (see `arjax.serving.server`).
 
 Multi-host (train, sample, eval; see `arjax.parallel.distributed`): every process of the job runs the
 same command, plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
@@ -101,6 +102,17 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "describe: devices of t
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on (loopback: "
                             "this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: the port to listen on; 0 = any free one.")
+_ENGINE = flags.DEFINE_string("engine", "slots", "serve: 'slots' (continuous batching of decode "
+                              "steps), 'sequential' (one request at a time, padded 16-image batches: the server before "
+                              "slots) or 'per_request' (one at a time, batches fitted to each).")
+_SLOTS = flags.DEFINE_integer("slots", 32, "serve: batch slots of the slot engine (images "
+                              "drawn at once).")
+_QUEUE_SIZE = flags.DEFINE_integer("queue_size", 64, "serve: requests that may wait for a slot; "
+                                   "one more gets a 429.")
+_REQUEST_TIMEOUT = flags.DEFINE_float("request_timeout", 300.0, "serve: seconds a request may "
+                                      "take (its default and largest timeout_s).")
+_SHUTDOWN_GRACE = flags.DEFINE_float("shutdown_grace", 60.0, "serve: on SIGTERM, seconds the "
+                                     "running requests may take to finish.")
 
 # Multi-host: all three or none (then ARJAX_* env, then TPU-pod / SLURM auto-detection).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of "
@@ -191,8 +203,17 @@ def _run(command, config, workdir):
     print(fid_stats.run(config, _INCEPTION.value, split=_SPLIT.value, out=_OUT.value,
                         batch_size=_BATCH.value))
   elif command == "serve":
+    from arjax.errors import ConfigError
+    from arjax.serving import engine as serve_engine
     from arjax.serving import server as serve
-    serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value)
+    try:
+      settings = serve_engine.EngineSettings(
+          engine=_ENGINE.value, slots=_SLOTS.value, queue_size=_QUEUE_SIZE.value,
+          request_timeout_s=_REQUEST_TIMEOUT.value, shutdown_grace_s=_SHUTDOWN_GRACE.value)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    serve.run(Experiment(config), workdir, host=_HOST.value, port=_PORT.value,
+              settings=settings)
   elif command == "describe":
     from arjax.perf import describe
     print(describe.format_table(config, describe.describe(config, _NUM_DEVICES.value),

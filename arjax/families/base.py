@@ -26,6 +26,10 @@ What a family supplies:
   loss_branches(loss)     the losses whose backward passes are separate programs (MAR's
                           bucket branches); `describe` counts the largest one's activations
   decode_step(...)        optional: one generation step alone, for `bench --mode=decode`
+  slot_decoder(...)       optional: decoding in a fixed number of batch slots, one compiled
+                          step advancing every slot by one unit of the generation order, for
+                          the server's continuous batching (`arjax.sampling.slots`); without
+                          it `serve` batches per request, saying so
   describe_line(config)   the one-line summary of the backbone that `describe` prints
   report_fields(config)   sampler settings worth recording in a bench report
   converters()            optional: readers of official checkpoints of this family
@@ -172,6 +176,14 @@ class Family(Plugin, abc.ABC):
     raise ConfigError(
         f"--mode=decode times one KV-cached generation step; config.model.family="
         f"{self.name!r} has none to time alone: time it with --mode=sample")
+
+  def slot_decoder(self, sampler, num_slots: int):
+    """A `SlotDecoder` (arjax/sampling/slots.py) of `num_slots` slots drawing the images
+    `sampler` draws, for `python -m arjax serve`'s continuous batching; raises
+    `SlotsUnsupported` saying why where this family (or the sampler's settings) has none."""
+    from arjax.sampling.slots import SlotsUnsupported  # pylint: disable=import-outside-toplevel
+    raise SlotsUnsupported(f"config.model.family={self.name!r} has no slot decoder "
+                           "(Family.slot_decoder)")
 
   def describe_line(self, config) -> str:
     return f"{self.name}"

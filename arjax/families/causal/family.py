@@ -153,6 +153,11 @@ class CausalFamily(base.Family):
     n = exp.tokenizer.num_tokens
     return prefill, one_token, (0, n // 2, n - 1)
 
+  def slot_decoder(self, sampler, num_slots):
+    """Slots with their own position and KV cache (arjax/families/causal/slots.py)."""
+    from arjax.families.causal import slots  # pylint: disable=import-outside-toplevel
+    return slots.slot_decoder(sampler, num_slots)
+
   def describe_line(self, config):
     m = config.model
     return f"causal: {m.width} x {m.depth} ({m.num_heads} heads)"
