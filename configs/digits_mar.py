@@ -94,6 +94,7 @@ def _full_size(config):
   # (dropout, CFG 1.6 at temperature 1.15), which this recipe has not been re-measured with.
   config.head.dropout = 0.0
   config.sample.cfg_scale = 3.0
+  config.head.batch_mul = 4  # MAR's diffusion_batch_mul (digits.py's recipe uses 2)
   config.sample.temperature = 1.0
   config.train.eval_every = 0
   return config

@@ -41,6 +41,7 @@ def get_config(variant: str = ""):
   config.model.dtype = "bfloat16"
   config.head.width = 1024
   config.head.depth = 6
+  config.head.batch_mul = 4  # MAR's diffusion_batch_mul
 
   config.train.global_batch_size = 1024
   config.train.num_steps = 500_000
