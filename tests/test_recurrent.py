@@ -211,7 +211,7 @@ def arjax(*args, data_dir):
 
 
 @pytest.mark.slow
-def test_train_sample_eval_describe_and_decode_bench_through_the_cli(tmp_path, data_dir):
+def test_train_sample_eval_through_the_cli(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   common = ["--config=configs/digits_recurrent.py:hybrid_smoke", f"--workdir={workdir}"]
   assert "trained to step 4" in arjax("train", *common, data_dir=data_dir)
@@ -221,13 +221,20 @@ def test_train_sample_eval_describe_and_decode_bench_through_the_cli(tmp_path, d
   arjax("eval", *common, data_dir=data_dir)
   metrics = json.load(open(os.path.join(workdir, "eval.json")))
   assert 0 <= metrics["model"]["class_consistency"] <= 1
-  out = arjax("describe", "--config=configs/digits_recurrent.py:hybrid_smoke", data_dir=data_dir)
-  assert "recurrent (hybrid): 32 x 2 (2 heads of gated linear attention" in out
-  report = str(tmp_path / "decode.json")
-  arjax("bench", "--config=configs/digits_recurrent.py:hybrid_smoke", "--mode=decode",
-        "--repeats=2", "--warmup=1", f"--out={report}", data_dir=data_dir)
-  r = json.load(open(report))
-  assert r["decode_positions"] == [0, 8, 15]
-  # z [2B, W] and per layer the state [2B, H, Dh, Dh] and the chunk's k, v [2B, 4, H, Dh].
-  rows = 2 * 20
+
+
+def test_describe_and_the_decode_bench_see_the_family():
+  """`describe` names the mixer and extrapolates activations over the block stack; `bench
+  --mode=decode` times the state step at the first, middle and last position and reports the
+  state it carries: z [2B, W] and per layer the state [2B, H, Dh, Dh] and, hybrid, the chunk's
+  k, v [2B, 4, H, Dh] (CFG doubles the 20 rows), the same at every position."""
+  from arjax.perf import bench, describe
+  config = recurrent_config("hybrid")
+  table = describe.format_table(config, describe.describe(config))
+  assert "recurrent (hybrid): 32 x 2 (2 heads of gated linear attention, softmax attention " \
+         "in chunks of 4)" in table
+  r = bench.run(config, mode="decode", batch_size=None, repeats=2, warmup=1, profile_dir=None)
+  assert r["decode_positions"] == [0, 8, 15] and all(t > 0 for t in r["decode_median_s"])
+  rows = 2 * config.sample.batch_size
   assert r["decode_state_bytes"] == [4 * rows * (32 + 2 * (2 * 16 * 16 + 2 * 4 * 2 * 16))] * 3
+  assert r["flops_per_call"] == registry.flops(config, "decode", config.sample.batch_size)["total"]
