@@ -16,7 +16,6 @@ Config fields beyond the causal family's:
                     numbers for any value) and, 'hybrid', the span of its softmax attention
 """
 from arjax.config.schema import positive
-from arjax.families import base
 from arjax.families.causal.family import CausalFamily, is_guided
 from arjax.families.recurrent.backbone import MIXERS, RecurrentTransformer
 from arjax.layers import mlp
