@@ -112,6 +112,31 @@ def test_the_decoding_state_does_not_grow_with_the_sequence():
   assert cache_shapes("hybrid", 16) == cache_shapes("hybrid", 1024) == [hybrid] * 2
 
 
+def test_scanned_remat_blocks_give_the_unrolled_numbers_and_decode_with_a_stacked_cache():
+  from arjax.layers import transformer as layers
+  fields = dict(num_tokens=16, token_dim=4, width=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                num_classes=10, num_class_tokens=2, mixer="hybrid", chunk_size=4)
+  unrolled = RecurrentTransformer(**fields)
+  scanned = RecurrentTransformer(**fields, scan_layers=True, remat="full")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
+  labels = jnp.array([1, 2])
+  params = nn.meta.unbox(unrolled.init(jax.random.PRNGKey(1), x, labels)["params"])
+  stacked = {"params": layers.stack_unrolled_blocks(params, "block", 2, "blocks")}
+  full = jax.jit(lambda: unrolled.apply({"params": params}, x, labels))()
+  np.testing.assert_allclose(jax.jit(lambda: scanned.apply(stacked, x, labels))(), full,
+                             atol=1e-5, rtol=1e-5)
+  cache = scanned.init_cache(2)
+  assert cache["state"].shape == (2, 2, 2, 16, 16) and cache["k"].shape == (2, 2, 4, 2, 16)
+  z, cache = jax.jit(lambda c: scanned.apply(stacked, labels, c, method=scanned.prefill))(cache)
+  step = jax.jit(lambda token, i, c: scanned.apply(stacked, token, i, c,
+                                                   method=scanned.decode_step))
+  decoded = [z]
+  for i in range(15):
+    z, cache = step(x[:, i], i, cache)
+    decoded.append(z)
+  np.testing.assert_allclose(jnp.stack(decoded, 1), full, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_a_token_changes_nothing_before_it(mixer):
   """z_i conditions token i: changing token j leaves z_0 .. z_j unchanged and moves a later z
