@@ -25,6 +25,7 @@ from arjax.errors import ConfigError
 from arjax.families.base import Family, compute_dtype
 from arjax.families.causal.family import CausalFamily
 from arjax.families.masked.family import MaskedFamily
+from arjax.families.recurrent.family import RecurrentFamily
 from arjax.families.scale.family import ScaleFamily
 from arjax.families.xar.family import XarFamily
 from arjax.heads.base import Head
@@ -42,6 +43,7 @@ FAMILIES: Dict[str, Family] = {
     "mar": MaskedFamily(),      # MAR's masked random order (arjax/families/masked)
     "xar": XarFamily(),         # next-X entities, noisy context, no head (arjax/families/xar)
     "scale": ScaleFamily(),     # next-scale: FlowAR, M-VAR's hybrid mixer (arjax/families/scale)
+    "recurrent": RecurrentFamily(),  # raster order, gated linear attention state (arjax/families/recurrent)
 }
 
 HEADS: Dict[str, Head] = {

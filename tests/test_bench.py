@@ -33,7 +33,8 @@ MODE_FIELDS = {
     "train": {"batch_mul"},
     "sample": SAMPLE_FIELDS,
     "decode": SAMPLE_FIELDS | {"decode_positions", "decode_median_s", "decode_min_s",
-                               "decode_max_s", "decode_last_over_first"},
+                               "decode_max_s", "decode_last_over_first", "decode_state_bytes",
+                               "decode_live_bytes", "decode_program_peak_bytes"},
 }
 
 
@@ -82,6 +83,13 @@ def test_run_reports_every_field_with_sane_values(mode, tmp_path):
       assert 0 < low <= mid <= high
     assert r["decode_last_over_first"] == pytest.approx(
         r["decode_median_s"][2] / r["decode_median_s"][0])
+    # The KV cache has its full static length from the first position: z [2B, W] and, per
+    # layer, k and v [2B, P + T, H, Dh] (CFG doubles the rows), float32.
+    m, rows = config.model, 2 * config.sample.batch_size
+    kv = m.depth * 2 * rows * (m.num_class_tokens + 16) * m.width * 4
+    assert r["decode_state_bytes"] == [rows * m.width * 4 + kv] * 3
+    assert r["decode_live_bytes"] == [None] * 3  # CPU keeps no allocator stats
+    assert r["decode_program_peak_bytes"] >= r["decode_state_bytes"][0]
 
 
 @pytest.mark.parametrize("head,solver,shown", [("flow", "heun", "heun 4 steps"),

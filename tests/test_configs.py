@@ -9,7 +9,8 @@ from arjax import registry
 from arjax.config import schema as configs
 from conftest import REPO_ROOT
 
-CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py", "digits_shortcut.py"]
+CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py", "digits_shortcut.py",
+           "digits_recurrent.py", "digits_recurrent.py:hybrid"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

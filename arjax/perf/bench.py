@@ -55,10 +55,14 @@ The report (JSON; `run` returns it as a dict):
   sampler: DDPM, shortcut), temperature, head_evaluations (ODE evaluations
   or DDPM steps per token, averaged over the generation order), head_step_schedule,
   head_steps_end; MAR family: num_iter, kept_buckets
-  decode (causal only; a call is ONE token step of the batch, at the middle position, so
-  images_per_s = batch / (median_s x num_tokens)): the sample fields, and decode_positions
-  [first, middle, last], decode_median_s / decode_min_s / decode_max_s per position,
-  decode_last_over_first (median at the last position / at the first)
+  decode (causal and recurrent families; a call is ONE token step of the batch, at the middle
+  position, so images_per_s = batch / (median_s x num_tokens)): the sample fields, and
+  decode_positions [first, middle, last], decode_median_s / decode_min_s / decode_max_s per
+  position, decode_last_over_first (median at the last position / at the first),
+  decode_state_bytes per position (what decoding carries from step to step: z and the KV
+  cache or recurrent state), decode_live_bytes per position (device bytes_in_use after that
+  position's steps; null on CPU) and decode_program_peak_bytes (XLA's buffer-assignment peak
+  of the compiled step: arguments, outputs and temporaries; one program serves every position)
 """
 import contextlib
 import copy
@@ -158,6 +162,19 @@ def peak_memory_bytes() -> Optional[int]:
     if stats and "peak_bytes_in_use" in stats:
       peaks.append(int(stats["peak_bytes_in_use"]))
   return max(peaks) if peaks else None
+
+
+def live_memory_bytes() -> Optional[int]:
+  """Largest `bytes_in_use` over the local devices now, None where the backend keeps no stats."""
+  live = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "bytes_in_use" in stats:
+      live.append(int(stats["bytes_in_use"]))
+  return max(live) if live else None
 
 
 def measure_peak_flops(dtype, size: Optional[int] = None, repeats: int = 10) -> Optional[float]:
@@ -288,8 +305,10 @@ def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
   """
   start_fn, step_fn, positions = exp.family.decode_step(exp, batch_size)
   params = _init_params(exp)
-  step = jax.jit(step_fn, donate_argnums=(1,))
   state = jax.jit(start_fn)(params)
+
+  start = time.perf_counter()
+  step = jax.jit(step_fn, donate_argnums=(1,)).lower(params, state, jnp.int32(0)).compile()
 
   def call_at(position):
     def call():
@@ -298,21 +317,29 @@ def _bench_decode(exp, batch_size, warmup, repeats, profile_dir):
       return state
     return call
 
-  start = time.perf_counter()
   jax.block_until_ready(call_at(positions[0])())
   compile_s = time.perf_counter() - start
-  per_position = []
+  per_position, state_bytes, live = [], [], []
   trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
   with trace:
     for position in positions:
       per_position.append(_time_calls(call_at(position), warmup=warmup, repeats=repeats,
                                       profile_dir=None))
+      # What decoding holds between two steps (z and the KV cache or recurrent state), and
+      # what the device holds after this position's steps (accelerators only).
+      state_bytes.append(int(sum(leaf.nbytes for leaf in jax.tree.leaves(state))))
+      live.append(live_memory_bytes())
   medians = [statistics.median(t) for t in per_position]
+  analysis = step.memory_analysis()
   extra = {"decode_positions": list(positions),
            "decode_median_s": medians,
            "decode_min_s": [min(t) for t in per_position],
            "decode_max_s": [max(t) for t in per_position],
-           "decode_last_over_first": medians[-1] / medians[0]}
+           "decode_last_over_first": medians[-1] / medians[0],
+           "decode_state_bytes": state_bytes,
+           "decode_live_bytes": live,
+           "decode_program_peak_bytes": (None if analysis is None else
+                                         int(analysis.peak_memory_in_bytes))}
   return compile_s, per_position[1], None, extra
 
 
@@ -499,4 +526,12 @@ def format_table(r: dict) -> str:
   if r["mode"] == "decode":
     per = "  ".join(f"pos {p}: {_ms(t)}" for p, t in zip(r["decode_positions"], r["decode_median_s"]))
     rows.append(f"  per token   {per}  (last/first {r['decode_last_over_first']:.3f})")
+    state = "  ".join(f"pos {p}: {_si(b, 'B')}" for p, b in zip(r["decode_positions"],
+                                                               r["decode_state_bytes"]))
+    rows.append(f"  state       {state}  (step program peak "
+                f"{_si(r['decode_program_peak_bytes'], 'B')})")
+    if any(b is not None for b in r["decode_live_bytes"]):
+      live = "  ".join(f"pos {p}: {_si(b, 'B')}" for p, b in zip(r["decode_positions"],
+                                                                r["decode_live_bytes"]))
+      rows.append(f"  device mem  {live}")
   return "\n".join(rows)

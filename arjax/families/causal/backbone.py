@@ -55,12 +55,18 @@ class CausalTransformer(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
         (self.cache_length(), self.width), jnp.float32)
     self.token_in = dense_lib.dense(self.width, ("token", "embed"), dtype=self.dtype)
-    self.blocks = layers.block_stack(
+    self.blocks = self.make_blocks()
+    self.final_norm = dense_lib.RMSNorm(dtype=self.dtype)
+
+  def make_blocks(self):
+    """The stack of decoder blocks, called as block(h, cache, index) -> (h, cache). A backbone
+    with another token mixer (arjax/families/recurrent) overrides this and the cache methods;
+    the class prefix, positions, token input and final norm stay these."""
+    return layers.block_stack(
         layers.DecoderBlock, depth=self.depth, scan=self.scan_layers, remat=self.remat,
         name="block", per_layer_args=1, broadcast_args=1, num_heads=self.num_heads,
         mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_dropout=self.attention_dropout,
         dropout=self.dropout)
-    self.final_norm = dense_lib.RMSNorm(dtype=self.dtype)
 
   def cache_length(self) -> int:
     return self.num_class_tokens + self.num_tokens

@@ -54,15 +54,23 @@ class CausalFamily(base.Family):
       **base.BLOCK_STACK_SCHEMA,
   }
 
-  def build(self, config, tokenizer, head_net, head):
+  def backbone_fields(self, config, tokenizer) -> dict:
+    """The `CausalTransformer` fields `config.model` and the tokenizer set (shared with the
+    families whose backbone extends it: arjax/families/recurrent)."""
     m = config.model
-    dtype = base.compute_dtype(config)
-    backbone = CausalTransformer(
+    return dict(
         num_tokens=tokenizer.num_tokens, token_dim=tokenizer.token_dim, width=m.width,
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-        num_classes=config.data.num_classes, num_class_tokens=m.num_class_tokens, dtype=dtype,
-        scan_layers=m.scan_layers, remat=m.remat, attention_dropout=m.attention_dropout,
-        dropout=m.dropout)
+        num_classes=config.data.num_classes, num_class_tokens=m.num_class_tokens,
+        dtype=base.compute_dtype(config), scan_layers=m.scan_layers, remat=m.remat,
+        attention_dropout=m.attention_dropout, dropout=m.dropout)
+
+  def make_backbone(self, config, tokenizer):
+    return CausalTransformer(**self.backbone_fields(config, tokenizer))
+
+  def build(self, config, tokenizer, head_net, head):
+    m = config.model
+    backbone = self.make_backbone(config, tokenizer)
     model = ARModel(backbone=backbone, head=head_net)
     loss = functools.partial(causal_loss, model=model, head=head, label_drop=m.label_drop,
                              num_classes=config.data.num_classes)
