@@ -196,3 +196,20 @@ def test_a_family_without_slots_is_served_one_request_at_a_time():
 def test_engine_settings_are_checked(settings, says):
   with pytest.raises(ValueError, match=f"^{__import__('re').escape(says)}"):
     engine_lib.EngineSettings(**settings)
+
+
+def test_the_recurrent_family_serves_in_slots_through_the_causal_hook():
+  """The recurrent family inherits the causal family's slot decoder: its decode state (the
+  recurrent state and, in the hybrid, the current chunk's keys and values) is the slot's
+  cache. The hybrid carries both kinds of state."""
+  exp = Experiment(configs.load(str(REPO_ROOT / "configs/digits_recurrent.py:hybrid_smoke")))
+  state, _ = exp.init_state()
+  served = (exp, state.params)
+  engine = make_slot_engine(served, slots=2)
+  try:
+    job = submit(engine, [4, 0, 9, 4, 2], seed=3, cfg_scale=2.0)
+    wait(job)
+    assert job.status == jobs_lib.DONE, job.error
+    assert_same_images(job, sampler_images(served, job))
+  finally:
+    engine.shutdown(log=lambda _: None)
