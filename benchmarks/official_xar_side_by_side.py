@@ -47,8 +47,8 @@ Not identical (say so when quoting the figures):
     num_steps + 1 calls of 64 tokens, each against 256 keys.
   * The official sampler state is float64 (network in float32); arjax's is float32.
   * Random numbers: torch's generators vs jax's; values differ, amounts are the same.
-  * PyTorch runs eagerly on `--threads` intra-op threads; arjax is XLA:CPU (jit), which uses
-    every core of the machine.
+  * PyTorch runs eagerly on `--threads` intra-op threads (default: the cores this process may
+    use), with OMP_WAIT_POLICY=PASSIVE unless set; arjax is XLA:CPU (jit) on every core.
   * The official forward draws its times with scipy/numpy on the host and its loss scaler / AMP
     (engine_xar's NativeScaler under autocast on GPU) is not used: plain float32 here.
 """
@@ -155,6 +155,9 @@ class ArjaxSide:
 class OfficialSide:
   def __init__(self, checkout, config, threads):
     import types
+    # On this shared 2-core machine libgomp's default spin-waiting made 2 threads 3x slower
+    # than 1 (15-22 s against 4.9 s a train step, load ~5); passive waiting: 4.7-5.4 s.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import numpy as np
     import torch
     torch.set_num_threads(threads)
@@ -166,6 +169,11 @@ class OfficialSide:
       raise RuntimeError("flash_attn stub: xAR never calls it")
     stub.flash_attn_func = _flash
     sys.modules.setdefault("flash_attn", stub)
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is None:
+      # timm imports torchvision (datasets, transforms, ops) at import time; xAR uses none of
+      # it. The golden files were made with the same kind of import stub.
+      sys.meta_path.insert(0, _StubFinder("torchvision"))
     sys.path.insert(0, os.path.abspath(checkout))
     from models.xar import xAR  # noqa: E402  (the official code)
     self.torch, self.np = torch, np
@@ -204,7 +212,7 @@ class OfficialSide:
     with torch.no_grad():  # engine_xar.update_ema
       for targ, src in zip(self.ema, self.params):
         targ.mul_(self.ema_rate).add_(src.detach(), alpha=1 - self.ema_rate)
-    return float(loss)
+    return loss.item()
 
   def sample(self, cfg):
     self.model.eval()
@@ -229,7 +237,7 @@ def main():
   p.add_argument("--official", help="checkout of github.com/OliverRensu/xAR")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument("--arjax-python", default=os.path.join(REPO, ".venv", "bin", "python"))
   p.add_argument("--variant", default="", help="preset variant ('smoke' for a plumbing check)")
   p.add_argument("--tasks", default=",".join(TASKS))
@@ -285,6 +293,42 @@ def main():
   if a.out:
     with open(a.out, "w") as f:
       json.dump(report, f, indent=1)
+
+
+class _StubModule(__import__("types").ModuleType):
+  """A package whose every attribute is a placeholder class (import stubs only)."""
+  __path__ = []
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return _Placeholder(name, (), {})
+
+
+class _Placeholder(type):
+  """A placeholder class whose every attribute is another placeholder class."""
+  def __getattr__(cls, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return _Placeholder(name, (), {})
+
+
+class _StubFinder:
+  """Finds every module under `root` as a _StubModule."""
+  def __init__(self, root):
+    self.root = root
+
+  def find_spec(self, fullname, path=None, target=None):
+    import importlib.machinery
+    if fullname == self.root or fullname.startswith(self.root + "."):
+      return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    return _StubModule(spec.name)
+
+  def exec_module(self, module):
+    pass
 
 
 class _attrs(dict):
