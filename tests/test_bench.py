@@ -272,5 +272,5 @@ def test_xar_cpu_bench_preset_has_the_official_layout():
   assert m.attention_dropout == m.dropout == 0.0 and c.head.name == "none"
   assert (c.train.global_batch_size, c.train.adam_b1, c.train.adam_b2) == (32, 0.9, 0.96)
   assert (s.solver, s.batch_size, s.num_steps, s.cfg_scale, s.cfg_schedule) == (
-      "euler_maruyama", 16, 20, 3.0, "linear")
+      "euler_maruyama", 4, 10, 3.0, "linear")
   assert configs.load(str(REPO_ROOT / "configs/xar_cpu_bench.py:smoke")).sample.num_steps >= 3
