@@ -263,3 +263,22 @@ def test_mar_cpu_bench_preset_benches_at_smoke_size(mode):
   assert r["num_tokens"] == 64 and r["median_s"] > 0 and r["flops_per_call"] > 0
   if mode == "sample":
     assert r["solver"] is None and r["num_iter"] == config.sample.num_iter  # DDPM: no solver
+
+
+def test_xar_cpu_bench_preset_has_the_official_layout():
+  """configs/xar_cpu_bench.py is timed against the official xAR code
+  (benchmarks/official_xar_side_by_side.py), which hard-codes a 16 x 16 latent of 16 channels
+  in 4 cells of 8 x 8 and a 1001-row class table: a drive-by edit must fail here."""
+  c = configs.load(str(REPO_ROOT / "configs/xar_cpu_bench.py"))
+  m, s = c.model, c.sample
+  assert (c.data.image_size // c.tokenizer.patch_size) == 16
+  assert c.data.channels * c.tokenizer.patch_size ** 2 == 16
+  assert (m.family, m.entity, m.entity_k, c.data.num_classes) == ("xar", "cell", 8, 1000)
+  assert (m.width, m.encoder_depth, m.decoder_depth, m.encoder_heads, m.decoder_heads) == (
+      256, 4, 4, 8, 8)
+  assert (m.width // m.encoder_heads) % 4 == 0 and m.mlp_ratio == 4.0
+  assert m.attention_dropout == m.dropout == 0.0 and c.head.name == "none"
+  assert (c.train.global_batch_size, c.train.adam_b1, c.train.adam_b2) == (32, 0.9, 0.96)
+  assert (s.solver, s.batch_size, s.num_steps, s.cfg_scale, s.cfg_schedule) == (
+      "euler_maruyama", 4, 10, 3.0, "linear")
+  assert configs.load(str(REPO_ROOT / "configs/xar_cpu_bench.py:smoke")).sample.num_steps >= 3

@@ -10,7 +10,8 @@ from arjax.config import schema as configs
 from conftest import REPO_ROOT
 
 CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py", "digits_shortcut.py",
-           "digits_recurrent.py", "digits_recurrent.py:hybrid"]
+           "digits_recurrent.py", "digits_recurrent.py:hybrid", "xar_cpu_bench.py",
+           "xar_cpu_bench.py:smoke"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -22,7 +23,10 @@ def test_shipped_config_validates_and_builds_its_model(name):
   x = jnp.zeros((2, tok.num_tokens, tok.token_dim), jnp.float32)
   y = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, y))["params"]
-  assert params["backbone"]["pos_embed"].value.shape[1] == config.model.width
+  backbone = params["backbone"]
+  # The xar family keeps the official names: one learned table per encoder / decoder.
+  pos_embed = backbone["pos_embed"] if "pos_embed" in backbone else backbone["encoder_pos_embed_learned"]
+  assert pos_embed.value.shape[1] == config.model.width
   # Every parameter carries logical axis names, one per dimension, all known to the rules table.
   boxed = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   known = {name for name, _ in config.sharding.rules}
