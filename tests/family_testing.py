@@ -1,9 +1,11 @@
 """What every family must show, written once: a sharded step equals the single-device step, and
 a resumed run ends bit for bit where an uninterrupted one does. Each family's test module calls
 these with its own smoke config (tests/test_train.py, test_mar_train.py, test_xar.py, ...)."""
+import flax.linen as nn
 import jax
 import numpy as np
 
+from arjax import registry
 from arjax.parallel import sharding
 from arjax.training import loop as train
 
@@ -11,6 +13,20 @@ from arjax.training import loop as train
 # level; Adam's g / sqrt(v) turns that noise into lr-sized updates, a property of the optimizer,
 # not of sharding. A few steps first leave that regime.
 WARMUP_STEPS = 4
+
+
+def built_with_perturbed_params(config):
+  """(tokenizer, model, head, params) of `config`, every parameter perturbed so that all of them
+  count (the heads' output layers start at zero, which would hide whatever feeds them)."""
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
+  model, head, _ = registry.build_model(config, tok)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1),
+                                    *registry.family(config).example_inputs(tok))["params"])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
+                              for p, k in zip(leaves, keys)])
+  return tok, model, head, params
 
 
 def random_batch(config, seed=0):

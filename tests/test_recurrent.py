@@ -37,15 +37,7 @@ def recurrent_config(mixer="pure"):
 def built(mixer):
   """(model, head, tokenizer, params) of the smoke config, every parameter perturbed so that
   all of them matter (the head's output layers start at zero)."""
-  config = recurrent_config(mixer)
-  tok = registry.make_tokenizer(config.tokenizer, config.data)
-  model, head, _ = registry.build_model(config, tok)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1),
-                                    *registry.family(config).example_inputs(tok))["params"])
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
-                              for p, k in zip(leaves, keys)])
+  tok, model, head, params = family_testing.built_with_perturbed_params(recurrent_config(mixer))
   return model, head, tok, params
 
 

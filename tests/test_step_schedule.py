@@ -7,7 +7,6 @@ schedule, whatever the seed or guidance scale of a call.
 """
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -16,6 +15,7 @@ from arjax.config import schema as configs
 from arjax.errors import ConfigError
 from arjax.perf import bench
 from arjax.sampling import step_schedule
+import family_testing
 from conftest import REPO_ROOT
 
 
@@ -65,16 +65,7 @@ def test_the_config_schema_checks_the_schedule_fields():
 
 def _built(config_name):
   config = configs.load(str(REPO_ROOT / config_name))
-  tok = registry.make_tokenizer(config.tokenizer, config.data)
-  model, head, _ = registry.build_model(config, tok)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1),
-                                    *registry.family(config).example_inputs(tok))["params"])
-  # The heads' output layers start at zero; perturb every parameter so that all of them count.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
-                              for p, k in zip(leaves, keys)])
-  return config, tok, model, head, params
+  return (config, *family_testing.built_with_perturbed_params(config))
 
 
 def _sampler(built, **sample):

@@ -151,30 +151,28 @@ def xla_flops(compiled) -> Optional[float]:
   return float(cost["flops"])
 
 
-def peak_memory_bytes() -> Optional[int]:
-  """Largest `peak_bytes_in_use` over the local devices, None where the backend keeps no stats (CPU)."""
-  peaks = []
+def _largest_device_stat(name: str) -> Optional[int]:
+  """Largest `memory_stats()[name]` over the local devices, None where the backend keeps no
+  stats (CPU)."""
+  values = []
   for device in jax.local_devices():
     try:
       stats = device.memory_stats()
     except Exception:  # pylint: disable=broad-except
       stats = None
-    if stats and "peak_bytes_in_use" in stats:
-      peaks.append(int(stats["peak_bytes_in_use"]))
-  return max(peaks) if peaks else None
+    if stats and name in stats:
+      values.append(int(stats[name]))
+  return max(values) if values else None
+
+
+def peak_memory_bytes() -> Optional[int]:
+  """Largest `peak_bytes_in_use` over the local devices, None where the backend keeps no stats (CPU)."""
+  return _largest_device_stat("peak_bytes_in_use")
 
 
 def live_memory_bytes() -> Optional[int]:
   """Largest `bytes_in_use` over the local devices now, None where the backend keeps no stats."""
-  live = []
-  for device in jax.local_devices():
-    try:
-      stats = device.memory_stats()
-    except Exception:  # pylint: disable=broad-except
-      stats = None
-    if stats and "bytes_in_use" in stats:
-      live.append(int(stats["bytes_in_use"]))
-  return max(live) if live else None
+  return _largest_device_stat("bytes_in_use")
 
 
 def measure_peak_flops(dtype, size: Optional[int] = None, repeats: int = 10) -> Optional[float]:
