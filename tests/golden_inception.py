@@ -146,6 +146,9 @@ def metric_outputs(arrays) -> Dict[str, object]:
                         ("fid_reference_f64", "eigvals")):
       values = [("from the features", fid_lib.frechet_distance_from_statistics(
           *own[0], *own[1], method=method))]
+      if key == "fid":  # the form `eval`'s paper metrics compute, judged as torch-fidelity's
+        values.append(("from the features, symmetric form", fid_lib.frechet_distance_from_statistics(
+            *own[0], *own[1], method="symmetric")))
       if len(stored) == 2:
         values.append(("from the stored statistics", fid_lib.frechet_distance_from_statistics(
             *stored[0], *stored[1], method=method)))

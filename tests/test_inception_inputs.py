@@ -109,16 +109,23 @@ def test_adm_style_statistics_load_and_arjax_saved_ones_round_trip(tmp_path):
   mu, sigma = _stats()
   adm = tmp_path / "VIRTUAL_tiny.npz"
   images = np.zeros((5, 4, 4, 3), np.uint8)
-  np.savez(adm, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu, sigma_s=sigma, arr_0=images)
-  loaded = reference_statistics.load(str(adm), dim=6, need_images=True)
+  mu_s, sigma_s = _stats(d=4, seed=1)
+  np.savez(adm, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=images)
+  loaded = reference_statistics.load(str(adm), dim=6, spatial_dim=4, need_images=True)
   np.testing.assert_array_equal(loaded.mu, mu.astype(np.float32))
+  np.testing.assert_array_equal(loaded.mu_s, mu_s)
+  np.testing.assert_array_equal(loaded.sigma_s, sigma_s)
   assert loaded.sigma.dtype == np.float64 and loaded.images_shape == (5, 4, 4, 3)
   np.testing.assert_array_equal(np.concatenate(list(loaded.image_batches(2))), images)
-  own = reference_statistics.save(str(tmp_path / "stats.npz"), mu, sigma, count=50)
-  again = reference_statistics.load(own, dim=6)
+  own = reference_statistics.save(str(tmp_path / "stats.npz"), mu, sigma, count=50,
+                                  mu_s=mu_s, sigma_s=sigma_s)
+  again = reference_statistics.load(own, dim=6, spatial_dim=4)
   np.testing.assert_array_equal(again.mu, mu)
   np.testing.assert_array_equal(again.sigma, sigma)
+  np.testing.assert_array_equal(again.sigma_s, sigma_s)
   assert again.count == 50 and again.images_shape is None
+  assert reference_statistics.load(
+      reference_statistics.save(str(tmp_path / "no_s.npz"), mu, sigma, count=50)).mu_s is None
 
 
 def _bad(tmp_path, name="ref.npz", **arrays):
@@ -149,6 +156,16 @@ def _bad(tmp_path, name="ref.npz", **arrays):
      {"need_images": True}, "'arr_0' must be uint8 images [N, H, W, 3]"),
     (lambda p: _bad(p, mu=np.array([None] * 6, object), sigma=np.eye(6)), {},
      "array 'mu' holds pickled Python objects; refused"),
+    # sFID's pair is checked as the pool3 one, and named.
+    (lambda p: _bad(p, mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(4)), {},
+     "has mu_s but no 'sigma_s'"),
+    (lambda p: _bad(p, mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(4), sigma_s=np.eye(3)),
+     {}, "'sigma_s' must be [4, 4] like 'mu_s' [4], got (3, 3)"),
+    (lambda p: _bad(p, mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(4), sigma_s=np.eye(4)),
+     {"spatial_dim": 2023}, "'mu_s'/'sigma_s': statistics of 4-d features, but the features "
+     "here are 2023-d (Inception spatial features for sFID: 2023)"),
+    (lambda p: _bad(p, mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(4),
+                    sigma_s=np.full((4, 4), np.inf)), {}, "'sigma_s' holds non-finite"),
 ])
 def test_a_bad_reference_statistics_file_is_named_with_what_is_wrong(tmp_path, make, kwargs,
                                                                      expected):
@@ -160,7 +177,8 @@ def test_a_bad_reference_statistics_file_is_named_with_what_is_wrong(tmp_path, m
 
 
 class _FakeExtractor:
-  """Stands in for InceptionExtractor: 'features' are the mean pixel per channel."""
+  """Stands in for InceptionExtractor: 'features' are the mean pixel per channel, 'spatial
+  features' the brightest pixel per channel."""
   feature_dim = 3
 
   def __init__(self):
@@ -170,10 +188,12 @@ class _FakeExtractor:
     from arjax.evaluation import inception_extractor
     from arjax.evaluation import fid
     self.calls += 1
-    moments = fid.FeatureMoments(3)
+    moments, spatial = fid.FeatureMoments(3), fid.FeatureMoments(3)
     for batch in batches:
       moments.update(batch.reshape(len(batch), -1, 3).mean(1))
-    return inception_extractor.StreamResult(moments, np.zeros((moments.count, 1), np.float32))
+      spatial.update(batch.reshape(len(batch), -1, 3).max(1).astype(np.float64))
+    return inception_extractor.StreamResult(moments, spatial,
+                                            np.zeros((moments.count, 1), np.float32))
 
 
 def test_reference_statistics_of_a_split_are_computed_once_then_read_from_the_cache(tmp_path):
@@ -185,7 +205,23 @@ def test_reference_statistics_of_a_split_are_computed_once_then_read_from_the_ca
   again = reference_statistics.compute_and_cache(path, batches, extractor, source=source)
   assert extractor.calls == 1 and again.count == first.count == 20
   np.testing.assert_allclose(again.mu, images.reshape(20, -1, 3).mean(1).mean(0))
+  np.testing.assert_allclose(again.mu_s, images.reshape(20, -1, 3).max(1).mean(0))
   said = []
   reference_statistics.compute_and_cache(path, batches, extractor,
                                          source={**source, "split": "test"}, log=said.append)
   assert extractor.calls == 2 and "recomputing" in said[0]
+
+
+def test_a_cached_file_without_spatial_statistics_is_recomputed_saying_why(tmp_path):
+  """A cache written before arjax kept sFID's mu_s/sigma_s: the same source, recomputed."""
+  images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+  extractor, path = _FakeExtractor(), str(tmp_path / "old.npz")
+  source = {"dataset": "digits", "split": "train", "image_size": 4}
+  mu, sigma = _stats(3)
+  reference_statistics.save(path, mu, sigma, count=50, source=source)
+  said = []
+  stats = reference_statistics.compute_and_cache(path, lambda: [images], extractor,
+                                                 source=source, log=said.append)
+  assert extractor.calls == 1 and stats.count == 8 and stats.mu_s is not None
+  assert said == [f"{path}: has no spatial statistics (mu_s/sigma_s, for sFID): recomputing"]
+  assert reference_statistics.load(path).mu_s is not None

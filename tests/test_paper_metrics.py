@@ -35,14 +35,17 @@ def images():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, images):
-  """(weights dir, a reference file of `images`: their statistics and the images themselves)."""
+  """(weights dir, a reference file of `images`: their pool3 and spatial statistics, as ADM's
+  VIRTUAL_*.npz, and the images themselves)."""
   tmp = tmp_path_factory.mktemp("paper_metrics")
   weights = inception_testing.write_random_params(str(tmp / "inception"))
   extractor = inception_extractor.InceptionExtractor(inception_testing.random_params(),
                                                      batch_size=8)
-  moments = extractor.stream([images]).moments
+  result = extractor.stream([images])
   reference = str(tmp / "VIRTUAL_tiny.npz")
-  np.savez(reference, mu=moments.mu, sigma=moments.sigma, arr_0=np.repeat(images, 3, -1))
+  np.savez(reference, mu=result.moments.mu, sigma=result.moments.sigma,
+           mu_s=result.spatial_moments.mu, sigma_s=result.spatial_moments.sigma,
+           arr_0=np.repeat(images, 3, -1))
   return weights, reference, extractor
 
 
@@ -65,6 +68,7 @@ def test_a_sample_set_scored_against_itself_has_fid_zero_and_full_precision_reca
   metrics = json.loads((tmp_path / "eval.json").read_text())
   assert metrics["num_images"] == N and metrics["num_reference_images"] == N
   assert abs(metrics["fid"]) < 1e-3  # float32 features: round-off only
+  assert abs(metrics["sfid"]) < 1e-3
   assert metrics["precision"] == metrics["recall"] == 1.0
   assert metrics["inception_score"] >= 1.0
   assert "MAR-B (paper)" in report and "2.31" in report and "281.7" in report
@@ -81,7 +85,9 @@ def test_a_mu_sigma_only_reference_gives_fid_and_is_without_precision_recall(set
   report = evaluate_cli.run(_config(weights, only), str(tmp_path))
   metrics = json.loads((tmp_path / "eval.json").read_text())
   assert abs(metrics["fid"]) < 1e-3 and "precision" not in metrics  # same set, other order
+  assert "sfid" not in metrics  # MAR's adm_in256_stats.npz holds mu and sigma alone
   assert "no reference images in it, so no precision/recall" in report
+  assert "no sFID: the reference file has neither spatial statistics" in report
 
 
 def test_a_reference_of_images_only_gives_its_statistics_from_the_images(setup, images,
@@ -92,8 +98,20 @@ def test_a_reference_of_images_only_gives_its_statistics_from_the_images(setup, 
   np.savez(tmp_path / "samples.npz", images=images, labels=np.zeros(N, np.int64))
   evaluate_cli.run(_config(weights, str(batch)), str(tmp_path))
   metrics = json.loads((tmp_path / "eval.json").read_text())
-  assert abs(metrics["fid"]) < 1e-3
+  assert abs(metrics["fid"]) < 1e-3 and abs(metrics["sfid"]) < 1e-3
   assert metrics["precision"] == metrics["recall"] == 1.0
+
+
+def test_sfid_of_other_images_is_large_and_its_own_number(setup, tmp_path):
+  """Against the same reference, other images: sFID well above the round-off of the
+  self-scored set, and not the FID (another feature space)."""
+  weights, reference, _ = setup
+  others = np.random.default_rng(5).integers(0, 64, (N, 8, 8, 1), dtype=np.uint8)  # darker
+  np.savez(tmp_path / "samples.npz", images=others, labels=np.zeros(N, np.int64))
+  evaluate_cli.run(_config(weights, reference), str(tmp_path))
+  metrics = json.loads((tmp_path / "eval.json").read_text())
+  assert metrics["sfid"] > 1.0 and metrics["fid"] > 1.0
+  assert abs(metrics["sfid"] - metrics["fid"]) > 1e-3 * metrics["fid"]
 
 
 def test_missing_weights_or_reference_are_named_with_the_command_that_makes_them(setup, images,
@@ -131,7 +149,7 @@ def test_eval_prints_the_papers_metrics_from_the_command_line(setup, images, tmp
        "--config.eval.batch_size=8", "--config.eval.paper_row=MAR-B"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
-  for name in ("fid", "inception_score", "precision", "recall"):
+  for name in ("fid", "sfid", "inception_score", "precision", "recall"):
     assert name in result.stdout
   assert os.path.isfile(tmp_path / "eval.json")
 
@@ -169,4 +187,5 @@ def test_two_processes_score_the_samples_as_one(setup, images, tmp_path):
   assert double["num_images"] == single["num_images"] == N
   assert double["precision"] == single["precision"] and double["recall"] == single["recall"]
   assert double["fid"] == pytest.approx(single["fid"], abs=1e-3)
+  assert double["sfid"] == pytest.approx(single["sfid"], abs=1e-3)
   assert double["inception_score"] == pytest.approx(single["inception_score"], rel=1e-5)

@@ -130,7 +130,8 @@ def run_inception(config, workdir: str) -> str:
            f" (config.eval.reference is not set, and `python -m arjax fid_stats --config=... "
            f"--inception={e.inception}` has not written this default)")
     raise FileNotFoundError(f"{reference_path}: no such reference statistics file{how}")
-  reference = reference_statistics.load(reference_path, dim=inception.POOL3_DIM)
+  reference = reference_statistics.load(reference_path, dim=inception.POOL3_DIM,
+                                        spatial_dim=inception.SPATIAL_DIM)
   params = inception.load_params(inception_convert.params_path(e.inception))
   extractor = inception_extractor.InceptionExtractor(params, batch_size=e.batch_size)
   metrics = paper_metrics.evaluate_samples(path, extractor, reference, num_images=num_images)

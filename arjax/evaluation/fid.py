@@ -11,7 +11,14 @@ Two pieces:
       'sqrtm'              pytorch-fid's / the ADM suite's: scipy.linalg.sqrtm(S1 @ S2); if it
                            is not finite, eps * I is added to both sigmas and it is retried;
                            an imaginary diagonal above 1e-3 is an error, else dropped.
-  Both give d^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2); they agree to ~1e-7
+      'symmetric'          the same trace from symmetric eigendecompositions only:
+                           tr sqrt(S1 S2) = tr sqrt(R S2 R) with R = S1^(1/2) (eigh), whose
+                           eigenvalues are those of S1 S2 (similar matrices) but real and
+                           found by eigh/eigvalsh, several times faster than the general
+                           eigvals at 2048-d; roundoff's negative eigenvalues count 0, as the
+                           real part of their complex root does in 'eigvals'. What `eval`'s
+                           paper metrics use (FID and sFID).
+  All give d^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2); they agree to ~1e-7
   relative on full-rank and rank-deficient (N < D) covariances alike (the golden file checks
   both against the packages).
 
@@ -28,7 +35,7 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 import scipy.linalg
 
-FID_METHODS = ("eigvals", "sqrtm")
+FID_METHODS = ("eigvals", "sqrtm", "symmetric")
 
 
 @dataclasses.dataclass
@@ -132,9 +139,21 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2, *, method: str = 
   if method == "eigvals":
     eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
     trace_covmean = float(np.sum(np.sqrt(eigenvalues).real))
+  elif method == "symmetric":
+    trace_covmean = _trace_sqrtm_symmetric(sigma1, sigma2)
   else:
     trace_covmean = _trace_sqrtm(sigma1, sigma2, eps)
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
+def _trace_sqrtm_symmetric(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """tr sqrt(S1 S2) as tr sqrt(R S2 R), R the PSD square root of S1 (symmetrised first: the
+  moments' float64 rounding leaves S1 a few ulps from symmetric)."""
+  w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+  root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  inner = root @ sigma2 @ root
+  eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+  return float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
 
 
 def _sqrtm(m: np.ndarray) -> np.ndarray:

@@ -47,6 +47,14 @@ STAGES = ("input_299", "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPo
           "Mixed_7c")
 # What the network returns, in the order torch-fidelity's features_list names them.
 OUTPUTS = ("feat_64", "feat_192", "feat_768", "pool3", "logits_unbiased", "logits")
+# sFID's spatial features (returned as 'spatial' beside OUTPUTS): the ADM evaluation suite reads
+# `mixed_6/conv:0` of the 2015 TF graph and keeps its first 7 channels, flattened. That tensor
+# is the ReLU of the 1x1 branch of the graph's seventh mixed block, Mixed_6d here (the graph's
+# mixed, mixed_1, mixed_2 are Mixed_5b..5d, mixed_3 is Mixed_6a, mixed_4..7 are Mixed_6b..6e);
+# the block concatenates that branch first, so its output's channels [:7] are those features.
+# The input is always resized to 299, so the map is always 17 x 17.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 Padding = Tuple[int, int]
 
@@ -263,7 +271,8 @@ class Logits(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-  """uint8 [N, H, W, 3] images -> {name: [N, dim] float32} for the names in OUTPUTS.
+  """uint8 [N, H, W, 3] images -> {name: [N, dim] float32} for the names in OUTPUTS, and
+  'spatial' [N, SPATIAL_DIM] (sFID's features, flattened in H, W, C order as ADM's NHWC graph).
 
   `model.apply({'params': params}, images, mutable=['intermediates'])` also returns every
   stage's output (`stage_outputs` reads them)."""
@@ -313,15 +322,17 @@ class FIDInceptionV3(nn.Module):
         InceptionE(p, pool="avg", name="Mixed_7b"),
         InceptionE(p, pool="max", name="Mixed_7c"),
     )
-    feat_768 = None
+    feat_768 = spatial = None
     for block in blocks:
       x = self._stage(block.name, block(x))
+      if block.name == "Mixed_6d":
+        spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
       if block.name == "Mixed_6e":
         feat_768 = x.mean(axis=(1, 2))
     pool3 = x.mean(axis=(1, 2))
     logits_unbiased, logits = Logits(p, name="fc")(pool3)
     return {"feat_64": feat_64, "feat_192": feat_192, "feat_768": feat_768, "pool3": pool3,
-            "logits_unbiased": logits_unbiased, "logits": logits}
+            "logits_unbiased": logits_unbiased, "logits": logits, "spatial": spatial}
 
 
 def stage_outputs(variables) -> Dict[str, jax.Array]:

@@ -3,10 +3,11 @@
     extractor = InceptionExtractor(inception.load_params(".../fid_inception_v3.npz"))
     result = extractor.stream(batches)        # batches: an iterable of uint8 [n, H, W, 3]
     result.moments.statistics()               # (mu, sigma) of pool3, for FID
+    result.spatial_moments.statistics()       # of the spatial features, for sFID
     result.logits_unbiased                    # float32 [N, 1008], for the Inception Score
 
 Memory is independent of the number of images for the statistics (running moments,
-`fid.FeatureMoments`); the IS logits are kept (4 KB an image: 200 MB for 50,000), and pool3
+`fid.FeatureMoments`: pool3's 2048-d and sFID's 2023-d spatial features, `inception.SPATIAL_DIM`); the IS logits are kept (4 KB an image: 200 MB for 50,000), and pool3
 features only when asked (`keep_pool3`, for precision/recall: 8 KB an image).
 
 Every call runs one compiled program of a fixed batch (`batch_size`, a multiple of the
@@ -36,12 +37,14 @@ DEFAULT_BATCH_PER_DEVICE = 32
 @dataclasses.dataclass
 class StreamResult:
   moments: fid.FeatureMoments        # of pool3
+  spatial_moments: fid.FeatureMoments  # of the spatial features (sFID)
   logits_unbiased: np.ndarray        # float32 [N, 1008]
   pool3: Optional[np.ndarray] = None  # float32 [N, 2048] when kept
 
 
 class InceptionExtractor:
-  """pool3 features and logits of uint8 images, `batch_size` at a time over a mesh."""
+  """pool3 features, sFID's spatial features and logits of uint8 images, `batch_size` at a
+  time over a mesh."""
 
   feature_dim = inception.POOL3_DIM
 
@@ -61,12 +64,13 @@ class InceptionExtractor:
 
     def run(params, images):
       out = model.apply({"params": params}, images)
-      return {"pool3": out["pool3"], "logits_unbiased": out["logits_unbiased"]}
+      return {k: out[k] for k in ("pool3", "spatial", "logits_unbiased")}
     self._run = jax.jit(run, in_shardings=(sharding.replicated(mesh), batch),
                         out_shardings=batch)
 
   def __call__(self, images: np.ndarray) -> dict:
-    """{'pool3': float32 [n, 2048], 'logits_unbiased': float32 [n, 1008]} of uint8 [n, H, W, C]
+    """{'pool3': float32 [n, 2048], 'spatial': float32 [n, 2023], 'logits_unbiased': float32
+    [n, 1008]} of uint8 [n, H, W, C]
     images (C = 3, or 1: grayscale, repeated), n <= batch_size."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -86,9 +90,10 @@ class InceptionExtractor:
     return {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
 
   def stream(self, batches: Iterable[np.ndarray], *, keep_pool3: bool = False) -> StreamResult:
-    """The running pool3 moments (and logits, and pool3 if kept) of a stream of image
-    batches of any sizes; batches larger than `batch_size` are split."""
+    """The running pool3 and spatial moments (and logits, and pool3 if kept) of a stream of
+    image batches of any sizes; batches larger than `batch_size` are split."""
     moments = fid.FeatureMoments(inception.POOL3_DIM)
+    spatial = fid.FeatureMoments(inception.SPATIAL_DIM)
     logits: List[np.ndarray] = []
     pool3: List[np.ndarray] = []
     for batch in batches:
@@ -96,12 +101,13 @@ class InceptionExtractor:
       for start in range(0, len(batch), self.batch_size):
         out = self(batch[start:start + self.batch_size])
         moments.update(out["pool3"])
+        spatial.update(out["spatial"])
         logits.append(out["logits_unbiased"])
         if keep_pool3:
           pool3.append(out["pool3"])
     empty = lambda d: np.zeros((0, d), np.float32)
     return StreamResult(
-        moments,
+        moments, spatial,
         np.concatenate(logits) if logits else empty(inception.NUM_CLASSES),
         (np.concatenate(pool3) if pool3 else empty(inception.POOL3_DIM)) if keep_pool3 else None)
 

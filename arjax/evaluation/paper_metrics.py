@@ -1,13 +1,17 @@
-"""The papers' evaluation: FID, Inception Score and precision/recall of a samples file, streamed.
+"""The papers' evaluation: FID, sFID, Inception Score and precision/recall of a samples file,
+streamed.
 
     metrics = evaluate_samples("workdir/samples.npz", extractor, reference)
     print(format_report(metrics, paper_row="MAR-B"))
 
 The samples' images are read from the .npz batch by batch (`npz_files.stream_rows`) and go
 through the FID Inception (`InceptionExtractor`) once: running pool3 moments for FID (against
-the reference mu/sigma), the unbiased logits for the IS (torch-fidelity: 10 splits), and, when
-the reference file has images (ADM's arr_0), the pool3 features of both sets for improved
-precision/recall (k = 3, ADM). Memory: the moments, 4 KB of logits an image, and pool3 (8 KB
+the reference mu/sigma; `fid`'s 'symmetric' form, golden-checked against torch-fidelity's
+formula, several times faster), running moments of the spatial features for sFID (ADM's: the first
+7 channels of Mixed_6d's 17 x 17 map, against the reference file's mu_s/sigma_s, or its
+images' when it has images but no mu_s; a mu/sigma-only file gives no sFID), the unbiased
+logits for the IS (torch-fidelity: 10 splits), and, when the reference file has images (ADM's
+arr_0), the pool3 features of both sets for improved precision/recall (k = 3, ADM). Memory: the moments, 4 KB of logits an image, and pool3 (8 KB
 an image) only when precision/recall is computed; never the images.
 
 Multi-host: process p of P reads rows [p N / P, (p + 1) N / P) of the samples; the moments are
@@ -42,7 +46,7 @@ PAPER_ROWS: Dict[str, Dict[str, float]] = {
     "xAR-L": {"fid": 1.28},
     "xAR-H": {"fid": 1.24},
 }
-METRICS = ("fid", "inception_score", "precision", "recall")
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 def _gathered(rows: np.ndarray) -> np.ndarray:
@@ -72,20 +76,27 @@ def evaluate_samples(samples_path: str, extractor, reference, *,
                                   start=start, stop=stop)
   samples = extractor.stream(batches, keep_pool3=with_pr)
   moments = inception_extractor.merged_across_processes(samples.moments)
+  spatial = inception_extractor.merged_across_processes(samples.spatial_moments)
   logits = _gathered(samples.logits_unbiased)
   ref_mu, ref_sigma = reference.mu, reference.sigma
+  ref_mu_s, ref_sigma_s = reference.mu_s, reference.sigma_s
   ref_pool3 = None
   if with_pr or ref_mu is None:  # reference images: features for P/R (and stats if missing)
     ref = extractor.stream(reference.image_batches(extractor.batch_size), keep_pool3=with_pr)
     ref_pool3 = ref.pool3
     if ref_mu is None:
       ref_mu, ref_sigma = ref.moments.statistics()
+    if ref_mu_s is None:
+      ref_mu_s, ref_sigma_s = ref.spatial_moments.statistics()
   result = {
       "num_images": int(moments.count),
       "reference": reference.path,
       "fid": fid_lib.frechet_distance_from_statistics(moments.mu, moments.sigma, ref_mu,
-                                                      ref_sigma),
+                                                      ref_sigma, method="symmetric"),
   }
+  if ref_mu_s is not None:  # a mu/sigma-only file (MAR's adm_in256_stats.npz) has no sFID
+    result["sfid"] = fid_lib.frechet_distance_from_statistics(
+        spatial.mu, spatial.sigma, ref_mu_s, ref_sigma_s, method="symmetric")
   # torch-fidelity's 10 splits; fewer (one image each) for a set smaller than that, a smoke
   # run's, rather than no score.
   splits = min(inception_score.SPLITS, len(logits))
@@ -108,7 +119,7 @@ def format_report(metrics: dict, paper_row: str = "") -> str:
     if name not in metrics:
       continue
     value = metrics[name]
-    text = f"{value:.2f}" if name in ("fid", "inception_score") else f"{value:.3f}"
+    text = f"{value:.2f}" if name in ("fid", "sfid", "inception_score") else f"{value:.3f}"
     row = f"{name:<16}{text:>10}"
     if paper:
       row += f"{paper.get(name, '-'):>16}"
@@ -118,6 +129,9 @@ def format_report(metrics: dict, paper_row: str = "") -> str:
                + (f" ({metrics['num_reference_images']} reference images for precision/recall)"
                   if "num_reference_images" in metrics else
                   "; no reference images in it, so no precision/recall"))
+  if "sfid" not in metrics:
+    lines.append("no sFID: the reference file has neither spatial statistics (mu_s/sigma_s) "
+                 "nor images")
   if paper_row and not paper:
     lines.append(f"(no published numbers for {paper_row!r}; known: {sorted(PAPER_ROWS)})")
   return "\n".join(lines)
