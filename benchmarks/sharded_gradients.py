@@ -8,7 +8,9 @@ meshes of 8 simulated CPU devices against one device, from the same warmed-up st
 qkv = Attention's q/k/v, hidden = the MLP's hidden units, embed = the blocks' residual stream,
 all), to bisect which constraint a wrong gradient depends on. A sharding constraint never
 changes values, so a gradient that moves with one is a partitioning defect. Found with it
-(2026-12-08): the scale family's flow net on (2, 2, 2), tests/test_scale.py's strict xfail.
+(2026-12-08): the scale family's flow net on (2, 2, 2), AdaLN gradients up to 75% off until
+its activations were left unconstrained (arjax/families/scale/flow_net.py); to see the defect
+again, comment out the `nn.logical_axis_rules(())` there and run the command above.
 """
 import argparse
 import os
