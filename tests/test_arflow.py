@@ -326,3 +326,49 @@ def test_describe_names_the_family_and_counts_its_flops():
           "attention inside an image, gated retention across images)") in table
   flops = registry.flops(config, "train", config.train.global_batch_size)
   assert flops["head"] == 0 and flops["backbone"] > 0
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_the_analytic_flops_are_the_programs_matmuls(mode):
+  """The family's accounting against the jaxpr count of the real loss gradient / sampler call,
+  within 2% (norms, gates and the time MLP's missing input gradient aside)."""
+  from arjax.util import jaxpr_flops
+  import flax.linen as nn
+  config = arflow_config()
+  config.model.width, config.model.num_heads = 64, 2
+  tok = registry.make_tokenizer(config.tokenizer, config.data)
+  model, _, loss = registry.build_model(config, tok)
+  family = registry.family(config)
+  params = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.PRNGKey(0), *family.example_inputs(tok))["params"]))
+  batch = 8
+  analytic = family.flops(config, tok, registry.head(config), mode, batch)["total"]
+  if mode == "train":
+    counted = jaxpr_flops.count(jax.grad(loss), params,
+                                jax.ShapeDtypeStruct((batch, 16, 4), jnp.float32),
+                                jax.ShapeDtypeStruct((batch,), jnp.int32),
+                                jax.random.PRNGKey(0)).flops
+  else:
+    s = config.sample
+    sampler = family.sampler(model, None, tok, config)
+    counted = jaxpr_flops.count(lambda p: sampler.sample_images(
+        p, jnp.arange(batch) % 10, jax.random.PRNGKey(0),
+        jnp.asarray(sampler.guidance_scales(s.cfg_scale, s.cfg_schedule)), jnp.float32(1.0),
+        jnp.arange(batch), guided=True), params).flops
+  assert abs(analytic - counted) <= 0.02 * counted, (analytic, counted)
+
+
+def test_the_imagenet_preset_has_arflow_xl2s_dims():
+  """ARFlow-XL/2 (28 x 1152, 18 heads): SiT-XL/2's 675M parameters plus the retention's SwiGLU
+  gate projection (28 x 1152^2 = 37.2M), on 256 KL-16 tokens of dim 16 a image, 5 a sequence."""
+  config = configs.load(str(REPO_ROOT / "configs/imagenet256_arflow_xl.py"))
+  registry.validate(config)
+  assert (config.model.width, config.model.depth, config.model.num_heads) == (1152, 28, 18)
+  assert config.data.group_size == 5 and config.train.global_batch_size % 5 == 0
+  tok = registry.make_tokenizer(config.tokenizer, config.data, abstract=True)
+  assert (tok.num_tokens, tok.token_dim) == (256, 16)
+  model, _, _ = registry.build_model(config, tok)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *registry.family(
+      config).example_inputs(tok)))["params"]
+  count = sum(leaf.size for leaf in jax.tree.leaves(params))
+  assert abs(count / 1e6 - 712.7) < 0.5, count

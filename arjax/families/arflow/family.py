@@ -22,7 +22,30 @@ from arjax.families.arflow import model as arflow_model
 from arjax.families.arflow.backbone import ArflowBackbone
 from arjax.families.arflow.model import ArflowModel
 from arjax.families.arflow.sampler import SOLVERS, ArflowSampler
+from arjax.families.xar.backbone import TIME_FREQUENCIES
 from arjax.sampling.base import sampler_settings
+from arjax.util.flops import matmul
+
+
+def forward_flops(config, tokens: int, token_dim: int, rows: int, images: int) -> int:
+  """One backbone call on `rows` sequences of `images` images of `tokens` tokens: the
+  conditions (time MLP, every block's and the output's adaLN), token_in and out; per block q, k,
+  v, the SwiGLU gate and out ([W, W] each), the log-gate [W, H], softmax attention inside each
+  image (scores and probs.v against its T keys), the state's read q.S and write K^T V (Dh per
+  key), the entering states of the images (training form: [n, n] per sequence and head), and
+  the MLP's two matrices."""
+  m = config.model
+  w, depth, heads = m.width, m.depth, m.num_heads
+  head_dim, hidden = w // heads, int(w * m.mlp_ratio)
+  n = rows * images * tokens
+  conditions = rows * images
+  condition = (matmul(conditions, TIME_FREQUENCIES, w) + matmul(conditions, w, w)
+               + depth * matmul(conditions, w, 6 * w) + matmul(conditions, w, 2 * w))
+  block = (5 * matmul(n, w, w) + matmul(n, w, heads) + 2 * matmul(n, w, tokens)
+           + 2 * matmul(n, w, head_dim) + 2 * matmul(n, w, hidden))
+  if images > 1:
+    block += matmul(rows * images * images, w, head_dim)
+  return (matmul(n, token_dim, w) + matmul(n, w, token_dim) + condition + depth * block)
 
 
 class ArflowFamily(base.Family):
@@ -78,6 +101,26 @@ class ArflowFamily(base.Family):
 
   def sampler(self, model, head, tokenizer, config):
     return ArflowSampler(model, head, tokenizer, **sampler_settings(config.sample))
+
+  def flops(self, config, tokenizer, head_kind, mode, batch_size):
+    """Matmuls only, the tokenizer's decoder not counted.
+
+    train: one forward over batch_size / N sequences of N images, backward 2x (token_in's
+      input is data: 1x).
+    sample: num_steps calls on one image (rows doubled under CFG), each against the state.
+    decode: one such call (one step of the integration: one image of the sequence)."""
+    if mode not in ("train", "sample", "decode"):
+      raise ValueError(f"mode={mode!r}: the arflow family counts 'train', 'sample' and 'decode'")
+    t, d = tokenizer.num_tokens, tokenizer.token_dim
+    if mode == "train":
+      group = config.data.group_size
+      forward = forward_flops(config, t, d, -(-batch_size // group), group)
+      backbone = 3 * forward - matmul(-(-batch_size // group) * group * t, d, config.model.width)
+    else:
+      rows = batch_size * (2 if config.sample.cfg_scale != 1.0 else 1)
+      calls = config.sample.num_steps if mode == "sample" else 1
+      backbone = calls * forward_flops(config, t, d, rows, 1)
+    return {"backbone": int(backbone), "head": 0, "total": int(backbone)}
 
   def head_units(self, config, tokenizer):
     """One unit: the whole image, integrated by sample.num_steps network calls."""
