@@ -25,8 +25,6 @@ Needs the KL-16 weights (`kl16.ckpt` from MAR's release):
 """
 import os
 
-import ml_collections
-
 from arjax.config import schema as configs
 
 # ARFlow-XL/2: width, depth, heads.
@@ -40,15 +38,9 @@ def get_config(variant: str = ""):
   here = os.path.dirname(__file__)
   config = configs.load(os.path.join(here, "imagenet256.py"))
   digits = configs.load(os.path.join(here, "digits_arflow.py"))  # field templates
-  config.tokenizer = type(config.tokenizer)()
-  config.tokenizer.name = "kl_vae"
-  # Weights: MAR's kl16.ckpt or a directory written by `python -m arjax convert`. Required; a
-  # typed placeholder so the command line can set it.
-  config.tokenizer.checkpoint = ml_collections.config_dict.placeholder(str)
-  config.tokenizer.architecture = "kl16"
-  config.tokenizer.patch_size = 1
-  config.tokenizer.latent_scale = 0.2325
-  config.tokenizer.sample_posterior = True
+  # MAR's KL-16 (latent scale 0.2325, posterior samples, patch 1) as the xAR presets use it;
+  # tokenizer.checkpoint a typed placeholder for the weights (`python -m arjax convert`).
+  config.tokenizer = configs.load(os.path.join(here, "imagenet256_xar_base.py")).tokenizer
   # Same-class training sequences of 5 images (the pipeline groups them; a multiple of 5 a batch).
   config.data.group_size = GROUP_SIZE
   config.data.random_flip = True

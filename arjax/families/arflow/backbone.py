@@ -130,14 +130,7 @@ class ArflowBackbone(nn.Module):
         per_layer_args=1, broadcast_args=1, num_heads=self.num_heads,
         hidden=int(width * self.mlp_ratio), tokens=tokens, dtype=self.dtype,
         gate_normalizer=self.gate_normalizer, dropout=self.dropout)
-    if self.scan_layers:
-      h, new_state = blocks(h, state, condition)
-    else:
-      new_state = []
-      for i, block in enumerate(blocks):
-        h, layer_state = block(h, None if state is None else state[i], condition)
-        new_state.append(layer_state)
-      new_state = None if state is None else new_state
+    h, new_state = layers.run_block_stack(blocks, self.scan_layers, h, state, condition)
     modulation = adaln.modulation_layer(width, 2, name="final_ada", dtype=self.dtype)(
         nn.silu(condition.astype(self.dtype)))
     v = adaln.modulated_output(h, per_token(modulation, tokens), self.token_dim, name="out",

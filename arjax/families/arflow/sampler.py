@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arjax.families.arflow.model import ArflowModel
-from arjax.families.xar.sampler import entity_scales, time_grid
+from arjax.families.xar.sampler import entity_scales, step_schedule_arrays
 from arjax.sampling.base import ImageSampler, image_keys
 
 SOLVERS = ("euler", "euler_maruyama")
@@ -66,12 +66,7 @@ def sample_tokens(params, labels, draw, scales, temperature, *, model: ArflowMod
   null = jnp.full_like(labels, backbone.num_classes)
   row_labels = jnp.concatenate([labels, null]) if guided else labels
   rows = row_labels.shape[0]
-  grid = time_grid(solver, num_steps)
-  t_cur = jnp.asarray(grid[:-1], jnp.float32)
-  dt = jnp.asarray(np.diff(grid), jnp.float32)
-  noise_scale = np.sqrt(2.0 * grid[:-1]) * np.sqrt(np.abs(np.diff(grid)))
-  noise_scale[-1] = 0.0  # the SDE's last step is its mean
-  noise_scale = jnp.asarray(noise_scale, jnp.float32)
+  t_cur, _, dt, noise_scale = step_schedule_arrays(solver, num_steps)  # last step: the mean
   lo, hi = cfg_interval
 
   def step(carry, i):
@@ -103,12 +98,8 @@ def sample_tokens(params, labels, draw, scales, temperature, *, model: ArflowMod
 
 @dataclasses.dataclass
 class ArflowSampler(ImageSampler):
-  """The family's `ImageSampler` (module docstring); `head` is None (no head)."""
-
-  def __post_init__(self):
-    if self.solver not in SOLVERS:
-      raise ValueError(f"solver={self.solver!r}; known: {SOLVERS}")
-    super().__post_init__()
+  """The family's `ImageSampler` (module docstring); `head` is None (no head). An unknown
+  solver is refused by the schema (`sample.solver`) and by `sample_tokens`."""
 
   def guidance_scales(self, cfg_scale, cfg_schedule_name):
     return step_scales(cfg_scale, cfg_schedule_name, self.num_steps)
