@@ -71,9 +71,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   else:
     config.data.group_size = GROUP_SIZE
     config.model = arflow_model(128, 4, 4)
-    config.model.dropout = 0.1
     config.train.global_batch_size = 160  # 32 sequences of 5
-    config.train.num_steps = 2000
+    # 2000 steps with dropout 0.1 under-fitted (precision 0.890, recall 0.759, memorisation
+    # 0.112: README's Results); no dropout and 3000 steps.
+    config.train.num_steps = 3000
     config.train.eval_every = 500
     s.num_steps = 50
     s.cfg_scale = 1.5
