@@ -13,8 +13,11 @@ images (a multiple of 5). The network is ARFlow's (arjax/families/arflow): DiT b
 adaLN-Zero, softmax attention inside a digit, gated retention across the digits; it is the flow
 model itself (config.head.name='none'). Sampling: the published Euler-Maruyama SDE, each step
 one autoregressive step (the current image fed against the state of the earlier steps), CFG as
-published (constant, every step).
+published (constant, every step) in the smoke variant; the recipe ramps it over the steps.
 Variant ':smoke' (seconds, for tests: 4 images per sequence).
+
+Measured against the embedded default's quality bar (README's Results, 2026-12-08): 3000 steps
+without dropout meet four of the five bars; recall stays at 0.846 (0.85 asked).
 """
 import os
 
@@ -77,5 +80,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.num_steps = 3000
     config.train.eval_every = 500
     s.num_steps = 50
+    # Measured (README's Results, 2026-12-08), the closest of the settings tried: CFG ramped
+    # over the SDE steps (1 -> 1.5) at temperature 1.05: FD 10.13, precision 0.901, recall
+    # 0.846 (the bar asks 0.85), consistency 0.992. Constant 1.5 as published: precision 0.926,
+    # recall 0.768.
     s.cfg_scale = 1.5
+    s.cfg_schedule = "linear"
+    s.temperature = 1.05
   return config
