@@ -22,6 +22,7 @@ from typing import Dict
 
 from arjax.config import schema as config_schema
 from arjax.errors import ConfigError
+from arjax.families.arflow.family import ArflowFamily
 from arjax.families.base import Family, compute_dtype
 from arjax.families.causal.family import CausalFamily
 from arjax.families.masked.family import MaskedFamily
@@ -44,6 +45,7 @@ FAMILIES: Dict[str, Family] = {
     "xar": XarFamily(),         # next-X entities, noisy context, no head (arjax/families/xar)
     "scale": ScaleFamily(),     # next-scale: FlowAR, M-VAR's hybrid mixer (arjax/families/scale)
     "recurrent": RecurrentFamily(),  # raster order, gated linear attention state (arjax/families/recurrent)
+    "arflow": ArflowFamily(),   # same-class image sequences, gated retention (arjax/families/arflow)
 }
 
 HEADS: Dict[str, Head] = {

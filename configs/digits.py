@@ -30,6 +30,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.random_translate = 0
   # Host-side worker threads/processes for decoding; 0 = in the main thread.
   config.data.worker_count = 0
+  # Consecutive training images of one class (a training sequence of ARFlow, configs/
+  # digits_arflow.py); 1 = every image drawn independently.
+  config.data.group_size = 1
   # A latent cache (`python -m arjax cache_latents`) to train from instead of images, for VAE
   # tokenizers; None = encode images on the fly. A typed placeholder so the command line can set it.
   config.data.latents = ml_collections.config_dict.placeholder(str)

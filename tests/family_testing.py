@@ -1,6 +1,11 @@
 """What every family must show, written once: a sharded step equals the single-device step, and
 a resumed run ends bit for bit where an uninterrupted one does. Each family's test module calls
 these with its own smoke config (tests/test_train.py, test_mar_train.py, test_xar.py, ...)."""
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -8,6 +13,7 @@ import numpy as np
 from arjax import registry
 from arjax.parallel import sharding
 from arjax.training import loop as train
+from conftest import REPO_ROOT
 
 # From init, biases and the zero-initialised AdaLN layers are ~0 and get gradients near rounding
 # level; Adam's g / sqrt(v) turns that noise into lr-sized updates, a property of the optimizer,
@@ -97,3 +103,27 @@ def assert_resume_continues_bit_for_bit(config, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(jax.tree.leaves(first_half.params)[0]),
                             np.asarray(jax.tree.leaves(resumed.params)[0]))
+
+
+def run_cli(*args, data_dir):
+  """`python -m arjax ARGS` on one CPU device (the smoke programs then come from the shared
+  compilation cache), the data in `data_dir`; its stdout, or a failure showing both streams."""
+  env = dict(os.environ, ARJAX_DATA_DIR=data_dir, PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-m", "arjax", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, f"arjax {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+  return result.stdout
+
+
+def assert_cli_trains_samples_and_scores(config_arg: str, workdir: str, data_dir: str):
+  """`train` (the smoke config's 4 steps), `sample` (20 images, 2 of each class) and `eval`
+  through `python -m arjax --config=config_arg`, each finishing with its output written."""
+  common = [f"--config={config_arg}", f"--workdir={workdir}"]
+  assert "trained to step 4" in run_cli("train", *common, data_dir=data_dir)
+  run_cli("sample", *common, data_dir=data_dir)
+  with np.load(os.path.join(workdir, "samples.npz")) as f:
+    assert f["images"].shape == (20, 8, 8, 1) and list(np.bincount(f["labels"])) == [2] * 10
+  run_cli("eval", *common, data_dir=data_dir)
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert 0 <= json.load(f)["model"]["class_consistency"] <= 1

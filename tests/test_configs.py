@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 
 CONFIGS = ["digits.py", "digits.py:smoke", "cifar10.py", "imagenet256.py", "digits_shortcut.py",
            "digits_recurrent.py", "digits_recurrent.py:hybrid", "xar_cpu_bench.py",
-           "xar_cpu_bench.py:smoke"]
+           "xar_cpu_bench.py:smoke", "digits_arflow.py", "digits_arflow.py:smoke"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

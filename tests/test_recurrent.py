@@ -3,10 +3,6 @@ the recurrence agree, its scan decoding with a constant-size state is the teache
 forward pass, it is causal, its FLOP model is its programs', bad fields are errors naming
 them, and it trains (sharded as the other families, resumed bit for bit) and runs the CLI."""
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -216,28 +212,10 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
   family_testing.assert_resume_continues_bit_for_bit(config, tmp_path)
 
 
-def arjax(*args, data_dir):
-  # One CPU device, as tests/test_cli.py runs: the smoke programs are shared through the
-  # compilation cache.
-  env = dict(os.environ, ARJAX_DATA_DIR=data_dir, PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  result = subprocess.run([sys.executable, "-m", "arjax", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, f"arjax {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-  return result.stdout
-
-
 @pytest.mark.slow
 def test_train_sample_eval_through_the_cli(tmp_path, data_dir):
-  workdir = str(tmp_path / "run")
-  common = ["--config=configs/digits_recurrent.py:hybrid_smoke", f"--workdir={workdir}"]
-  assert "trained to step 4" in arjax("train", *common, data_dir=data_dir)
-  arjax("sample", *common, data_dir=data_dir)
-  with np.load(os.path.join(workdir, "samples.npz")) as f:
-    assert f["images"].shape == (20, 8, 8, 1) and list(np.bincount(f["labels"])) == [2] * 10
-  arjax("eval", *common, data_dir=data_dir)
-  metrics = json.load(open(os.path.join(workdir, "eval.json")))
-  assert 0 <= metrics["model"]["class_consistency"] <= 1
+  family_testing.assert_cli_trains_samples_and_scores("configs/digits_recurrent.py:hybrid_smoke", str(tmp_path / "run"),
+                                                      data_dir)
 
 
 def test_describe_and_the_decode_bench_see_the_family():

@@ -54,6 +54,9 @@ SCHEMA: Schema = {
     # Random translation of every training image by up to this many pixels per axis; 0 = off.
     "data.random_translate": ((int,), _nonneg, ">= 0"),
     "data.worker_count": ((int,), _nonneg, ">= 0"),
+    # Consecutive training images drawn from one class, a group per training sequence (ARFlow's
+    # same-class image sequences; arjax/data/pipeline.py); 1 = independent images.
+    "data.group_size": ((int,), _pos, "> 0"),
     # A latent cache written by `python -m arjax cache_latents`; None: encode images on the fly.
     "data.latents": ((str, type(None)), None, ""),
     "model.label_drop": ((float, int), _prob, "in [0, 1)"),

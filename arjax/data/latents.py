@@ -161,9 +161,10 @@ def train_dataset(source: LatentSource, data_cfg, *, global_batch_size: int, see
   global batch k, {'moments': float32 [b, h, w, M], 'label': int32 [b]}."""
   if len(source) == 0:
     raise ValueError(f"the training source {source} is empty")
+  labels = pipeline.source_labels(source) if data_cfg.get("group_size", 1) > 1 else None
   ds = pipeline.element_stream(len(source), data_cfg, global_batch_size=global_batch_size,
                                seed=seed, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, labels=labels)
   ds = ds.map(_ReadLatent(source))
   return ds.batch(global_batch_size // process_count, drop_remainder=True, batch_fn=_collate)
 

@@ -25,6 +25,17 @@ the global batch then meets the same example, so a run's numbers do not depend
 on the number of hosts. Since MapDataset is lazy, each process only reads its
 own share.
 
+Same-class groups (`config.data.group_size` = G > 1, ARFlow's training sequences): the
+stream is cut into groups of G consecutive elements, element i belonging to group g = i // G.
+Group g's first member is the g-th draw of the shuffled stream above (its anchor: every record
+anchors one group per epoch); members 1 .. G-1 are drawn from the anchor's class, without
+replacement and never the anchor itself (with replacement when the class has fewer than G
+records), by an RNG seeded by (seed, g) alone. Flips and translations are then drawn per
+element as above. So a batch of global_batch_size = k G images is k whole sequences, rows
+[j G, (j + 1) G) one class, and the group is still a pure function of (seed, index): the
+process sharding, the concatenation property and the iterator's one-integer state hold
+unchanged. The split's labels are read once, up front (`source_labels`).
+
 The steps before the read are `element_stream`; a VAE latent cache (config.data.latents,
 arjax/data/latents.py) is read through the same stream, so it visits the same records with the
 same flips as this pipeline would for the same seed.
@@ -68,6 +79,7 @@ _BUILDERS = {"digits": digits.Digits}
 _SHUFFLE_STREAM = 0
 _FLIP_STREAM = 1
 _TRANSLATE_STREAM = 3
+_GROUP_STREAM = 4
 
 
 # -----------------------------------------------------------------------------
@@ -310,6 +322,49 @@ class _TranslateDraw:
     return (*drawn, (int(dy), int(dx)))
 
 
+def source_labels(source) -> np.ndarray:
+  """The label of every record of `source`, int64 [N], in source order: one read per record
+  (what same-class groups need, once per pipeline)."""
+  return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupMember:
+  """Element i of the grouped stream -> the source position it reads (module docstring)."""
+  anchors: grain.MapDataset     # the shuffled, repeated positions: anchors[g] is group g's
+  members: tuple                # per class, its source positions (int64 arrays)
+  labels: np.ndarray            # [N] each position's class
+  group_size: int
+  seed: int
+
+  def __call__(self, index: int) -> int:
+    group, member = divmod(int(index), self.group_size)
+    anchor = int(self.anchors[group])
+    if member == 0:
+      return anchor
+    pool = self.members[int(self.labels[anchor])]
+    others = pool[pool != anchor]
+    need = self.group_size - 1
+    rng = np.random.default_rng([self.seed, group])
+    if len(others) >= need:
+      picked = rng.choice(len(others), size=need, replace=False)
+    elif len(others):
+      picked = rng.integers(len(others), size=need)
+    else:  # a class of one record: the group repeats it
+      return anchor
+    return int(others[picked[member - 1]])
+
+
+def group_positions(ds: grain.MapDataset, labels, group_size: int, seed: int
+                    ) -> grain.MapDataset:
+  """The stream of positions `ds` (shuffled, repeated) cut into same-class groups of
+  `group_size` (module docstring); `labels` [N] the class of each source position."""
+  labels = np.asarray(labels, np.int64)
+  members = tuple(np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1))
+  member = _GroupMember(ds, members, labels, group_size, _derived_seed(seed, _GROUP_STREAM))
+  return grain.MapDataset.range(len(ds)).map(member)
+
+
 def translate(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
   """image [H, W, C] moved down dy and right dx pixels; what leaves the frame is lost and what
   enters is 0 (the digits' background)."""
@@ -342,9 +397,11 @@ def _collate(examples: Sequence[dict]) -> dict:
 
 
 def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                   process_index: int = 0, process_count: int = 1, labels=None
+                   ) -> grain.MapDataset:
   """This process's endless stream of (source position, flip?, (dy, dx)) draws, before any
-  reading.
+  reading. `labels` [num_records]: each record's class, needed (only) when
+  `data_cfg.group_size` > 1, whose same-class groups it draws (module docstring).
 
   Shared by the image pipeline below and the latent cache (arjax/data/latents.py), so that both
   visit the same records in the same order with the same flips for the same seed.
@@ -357,6 +414,15 @@ def element_stream(num_records: int, data_cfg, *, global_batch_size: int, seed: 
   flip_seed = _derived_seed(seed, _FLIP_STREAM) if data_cfg.random_flip else None
   ds = grain.MapDataset.range(num_records).shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM))
   ds = ds.repeat()
+  group = data_cfg.get("group_size", 1)
+  if group > 1:
+    if global_batch_size % group:
+      raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
+                       f"config.data.group_size={group}")
+    if labels is None or len(labels) != num_records:
+      raise ValueError(f"config.data.group_size={group} needs the labels of all "
+                       f"{num_records} records")
+    ds = group_positions(ds, labels, group, seed)
   ds = ds.map_with_index(_FlipDraw(flip_seed))
   shift = data_cfg.random_translate
   ds = ds.map_with_index(_TranslateDraw(
@@ -393,8 +459,9 @@ def train_dataset(source, data_cfg, *, global_batch_size: int, seed: int, proces
   """
   if len(source) == 0:
     raise ValueError(f"the training source {source} is empty")
+  labels = source_labels(source) if data_cfg.get("group_size", 1) > 1 else None
   ds = element_stream(len(source), data_cfg, global_batch_size=global_batch_size, seed=seed,
-                      process_index=process_index, process_count=process_count)
+                      process_index=process_index, process_count=process_count, labels=labels)
   ds = ds.map(_ReadRecord(source, RecordDecoder.from_config(data_cfg, declared_shape)))
   return ds.batch(global_batch_size // process_count, drop_remainder=True, batch_fn=_collate)
 

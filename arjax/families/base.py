@@ -21,6 +21,7 @@ What a family supplies:
                           temperature=, first_index=); one compiled program per batch size and
                           guidance setting, per-image seeds (arjax.sampling.base)
   flops(...)              model FLOPs of a train step / a sampler call / a decode step
+  example_rows(config)    batch rows of one training example (1; a same-class sequence)
   stack_depths(config)    the (section, field) of each stack of identical layers (`describe`
                           extrapolates activation memory over depth from two shallow traces)
   loss_branches(loss)     the losses whose backward passes are separate programs (MAR's
@@ -162,6 +163,11 @@ class Family(Plugin, abc.ABC):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     return (jnp.zeros((1, tokenizer.num_tokens, tokenizer.token_dim)),
             jnp.zeros((1,), jnp.int32))
+
+  def example_rows(self, config) -> int:
+    """Batch rows that make one training example, which the loss never splits: 1 image, or
+    ARFlow's sequence of `config.data.group_size` images. `describe` traces whole examples."""
+    return 1
 
   def stack_depths(self, config) -> Sequence[Tuple[str, str]]:
     """(section, field) of each stack of identical layers, the head's included."""

@@ -137,3 +137,125 @@ class GatedLinearAttention(nn.Module):
     out = dense_lib.dense_general(width, ("heads", "kv", "embed"), dtype=self.dtype,
                                   name=self.out_name, axis=(-2, -1))(o)
     return out, state
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated retention over chunks (ARFlow's token mixer): softmax inside a chunk, a state across.
+#
+# The sequence is cut into chunks of C tokens (ARFlow: one image each). Inside a chunk every
+# token attends to every token of its chunk with softmax attention (bidirectional); across
+# chunks a state S carries everything before the chunk, read with the token's decay within the
+# chunk and written once per chunk:
+#
+#     o_i  = softmax(q_i K_c^T) V_c + (q_i exp(b_i)) S_c          b_i = sum_{j <= i in c} a_j
+#     S_{c+1} = exp(mean_{j in c} a_j) S_c + K_c^T V_c            S_0: the state given
+#
+# with a_j <= 0 the log-gates. Two forms: `chunk_retention` computes every chunk's entering
+# state at once from cumulative decays (the training form, matmuls over chunks) and
+# `retention_step` one chunk from the state it is given (the sampler's step: only [H, Dk, Dv]
+# is kept between chunks). The two agree to float32 rounding (tests/test_arflow.py).
+
+
+def _inner_softmax(q, k, v):
+  """Bidirectional softmax attention within each chunk: q, k [..., C, H, Dk], v [..., C, H, Dv]
+  (k carries the logit scale) -> [..., C, H, Dv] float32."""
+  logits = jnp.einsum("...ihd,...jhd->...hij", q, k)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("...hij,...jhv->...ihv", probs, v)
+
+
+def retention_step(q, k, v, log_g, state: State):
+  """One chunk: q, k [B, C, H, Dk], v [B, C, H, Dv], log_g [B, C, H] (<= 0), state entering
+  the chunk -> (o [B, C, H, Dv] float32, state after the chunk)."""
+  q, k, v, log_g = (a.astype(jnp.float32) for a in (q, k, v, log_g))
+  b = jnp.cumsum(log_g, axis=1)
+  cross = jnp.einsum("bihd,bhdv->bihv", q * jnp.exp(b)[..., None], state)
+  o = _inner_softmax(q, k, v) + cross
+  decay = jnp.exp(jnp.mean(log_g, axis=1))  # [B, H]
+  state = decay[..., None, None] * state + jnp.einsum("bjhd,bjhv->bhdv", k, v)
+  return o, state
+
+
+def chunk_retention(q, k, v, log_g, state: State, chunk_size: int):
+  """`retention_step` over L / chunk_size chunks at once (L a multiple of chunk_size):
+  q, k [B, L, H, Dk], v [B, L, H, Dv], log_g [B, L, H] -> (o [B, L, H, Dv] float32, state
+  after the last chunk).
+
+  Chunk c enters with S_c = exp(A_{c-1}) S_0 + sum_{j < c} exp(A_{c-1} - A_j) K_j^T V_j, A_c
+  the cumulative sum of the chunks' mean log-gates up to c: every factor <= 1."""
+  batch, length = q.shape[:2]
+  if length % chunk_size:
+    raise ValueError(f"{length} tokens are not whole chunks of {chunk_size}")
+  q, k, v, log_g = (a.astype(jnp.float32) for a in (q, k, v, log_g))
+  chunks = lambda a: a.reshape((batch, length // chunk_size, chunk_size) + a.shape[2:])
+  q, k, v, log_g = (chunks(a) for a in (q, k, v, log_g))  # [B, N, C, ...]
+  kv = jnp.einsum("bnjhd,bnjhv->bnhdv", k, v)
+  per_chunk = jnp.mean(log_g, axis=2)               # [B, N, H]
+  cum = jnp.cumsum(per_chunk, axis=1)               # A_c
+  before = cum - per_chunk                          # A_{c-1}
+  n = cum.shape[1]
+  earlier = jnp.tril(jnp.ones((n, n), bool), -1)    # j < c
+  weights = jnp.exp(jnp.where(earlier[None, :, :, None],
+                              before[:, :, None, :] - cum[:, None, :, :], -jnp.inf))
+  states = (jnp.exp(before)[..., None, None] * state[:, None]
+            + jnp.einsum("bcjh,bjhdv->bchdv", weights, kv))  # S_c entering chunk c
+  b = jnp.cumsum(log_g, axis=2)
+  cross = jnp.einsum("bnihd,bnhdv->bnihv", q * jnp.exp(b)[..., None], states)
+  o = _inner_softmax(q, k, v) + cross
+  last = cum[:, -1]
+  final = (jnp.exp(last)[..., None, None] * state
+           + jnp.einsum("bjh,bjhdv->bhdv", jnp.exp(last[:, None] - cum), kv))
+  return o.reshape((batch, length) + o.shape[3:]), final
+
+
+def _rms(a, axes, eps: float = 1e-6):
+  """a / rms(a) over `axes`, no parameter, float32."""
+  a = a.astype(jnp.float32)
+  return a * jax.lax.rsqrt(jnp.mean(jnp.square(a), axis=axes, keepdims=True) + eps)
+
+
+class GatedRetention(nn.Module):
+  """ARFlow's GateRetention: x [B, L, D] and the condition per token c [B, L, D] -> (out
+  [B, L, D], state after the last chunk). Chunks of `chunk_size` tokens (one image).
+
+  q, k, v = RMSNorm(proj(x)) over the width (no parameter), k scaled by Dh^-0.5; the log-gate
+  a = log_sigmoid(gate(x + c)) / gate_normalizer, one per token and head; the mixed o is
+  RMS-normalised per head, gated by SiLU(g_proj(x)) (SwiGLU) and projected out. `form`:
+  'chunk' (`chunk_retention`, any number of chunks) or 'step' (`retention_step`, x one chunk).
+  """
+  num_heads: int
+  chunk_size: int
+  dtype: Dtype = jnp.float32
+  gate_normalizer: float = 16.0
+
+  @nn.compact
+  def __call__(self, x, c, state: Optional[State] = None, form: str = "chunk"):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    proj = lambda name: dense_lib.dense_general(
+        (self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name=name,
+        use_bias=False)
+    qkv_axes = ("batch", "length", "heads", "kv")
+    q, k, v = (dense_lib.constrain(_rms(proj(name)(x), (-2, -1)), qkv_axes)
+               for name in ("query", "key", "value"))
+    k = k * head_dim ** -0.5
+    gate = nn.Dense(self.num_heads, dtype=self.dtype, use_bias=False, name="gate",
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             ("embed", "heads")))(x + c)
+    log_g = jax.nn.log_sigmoid(gate.astype(jnp.float32)) / self.gate_normalizer
+    if state is None:
+      state = zero_state(x.shape[0], self.num_heads, head_dim, head_dim)
+    if form == "chunk":
+      o, state = chunk_retention(q, k, v, log_g, state, self.chunk_size)
+    elif form == "step":
+      if x.shape[1] != self.chunk_size:
+        raise ValueError(f"form='step' takes one chunk of {self.chunk_size} tokens, got "
+                         f"{x.shape[1]}")
+      o, state = retention_step(q, k, v, log_g, state)
+    else:
+      raise ValueError(f"form={form!r}: 'chunk' or 'step'")
+    o = _rms(o, -1).astype(self.dtype)
+    o = nn.silu(proj("swish_gate")(x)) * o
+    out = dense_lib.dense_general(width, ("heads", "kv", "embed"), dtype=self.dtype,
+                                  name="out", axis=(-2, -1), use_bias=False)(o)
+    return out, state

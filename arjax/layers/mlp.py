@@ -37,14 +37,16 @@ class SwiGLU(nn.Module):
 
 
 class GeluMlp(nn.Module):
-  """timm `Mlp`: fc2(GELU(fc1(x))), GELU the exact erf form (`nn.GELU()`), no dropout."""
+  """timm `Mlp`: fc2(GELU(fc1(x))), GELU the exact erf form (`nn.GELU()`), no dropout;
+  `approximate=True`: the tanh form (DiT / SiT / ARFlow's `GELU(approximate="tanh")`)."""
   hidden: int
   dtype: Dtype = jnp.float32
+  approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
     h = dense_lib.dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-    h = nn.gelu(dense_lib.constrain(h, HIDDEN_AXES), approximate=False)
+    h = nn.gelu(dense_lib.constrain(h, HIDDEN_AXES), approximate=self.approximate)
     return dense_lib.dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 

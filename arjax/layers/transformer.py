@@ -87,6 +87,20 @@ def block_stack(block_cls, *, depth: int, scan: bool, remat: str, name: str,
       metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs, name=scan_name or f"{name}s")
 
 
+def run_block_stack(blocks, scan: bool, x, per_layer, *broadcast):
+  """Applies `block_stack`'s blocks to the carry `x`: `per_layer` is None (nothing per layer,
+  e.g. training without a cache), a list of one entry per layer (unrolled) or the stacked
+  entries (scanned); `broadcast` goes to every block. -> (x, the blocks' per-layer outputs, None
+  when `per_layer` is None and the blocks are unrolled)."""
+  if scan:
+    return blocks(x, per_layer, *broadcast)
+  outs = []
+  for i, block in enumerate(blocks):
+    x, out = block(x, None if per_layer is None else per_layer[i], *broadcast)
+    outs.append(out)
+  return x, (None if per_layer is None else outs)
+
+
 def stack_unrolled_blocks(params: dict, name: str, depth: int, scan_name: str) -> dict:
   """Unrolled parameters `{name}_0 .. {name}_{depth-1}` (e.g. converted from PyTorch) ->
   the scanned layout `scan_name` with a leading layer axis; other entries unchanged."""

@@ -174,6 +174,8 @@ def activation_bytes(config, tokenizer, rules, sizes: dict) -> dict:
   """
   batch_split = sharding.axes_size(nn.logical_to_mesh_axes(("batch",), rules)[0], sizes)
   rows = -(-config.train.global_batch_size // batch_split)
+  unit = registry.family(config).example_rows(config)  # whole training examples only
+  rows = -(-rows // unit) * unit
   # Stacks of equal depth (MAR's encoder and decoder) vary together: one trace fewer.
   groups = collections.defaultdict(list)
   for section, field in registry.family(config).stack_depths(config):

@@ -157,12 +157,5 @@ class ScaleBackbone(nn.Module):
         hidden=mlp.swiglu_hidden(w, self.mlp_ratio), pyramid=p, mixer=self.mixer,
         decode_scale=scale, chunk_size=self.chunk_size, dtype=self.dtype,
         attention_dropout=self.attention_dropout, dropout=self.dropout)
-    if self.scan_layers:
-      h, new_cache = blocks(h, cache, class_emb)
-    else:
-      new_cache = []
-      for i, block in enumerate(blocks):
-        h, layer_cache = block(h, None if cache is None else cache[i], class_emb)
-        new_cache.append(layer_cache)
-      new_cache = None if cache is None else new_cache
+    h, new_cache = layers.run_block_stack(blocks, self.scan_layers, h, cache, class_emb)
     return dense_lib.RMSNorm(dtype=self.dtype, name="final_norm")(h), new_cache

@@ -64,6 +64,16 @@ def time_grid(solver: str, num_steps: int) -> np.ndarray:
   return np.linspace(1.0, 0.0, num_steps + 1)
 
 
+def step_schedule_arrays(solver: str, num_steps: int):
+  """(t_cur, t_next, dt, noise_scale), float32 [K] each, of `time_grid`: the SDE's noise scale
+  sqrt(2t) sqrt(|dt|) computed in float64 on the host, 0 at the last (mean) step."""
+  grid = time_grid(solver, num_steps)
+  noise_scale = np.sqrt(2.0 * grid[:-1]) * np.sqrt(np.abs(np.diff(grid)))
+  noise_scale[-1] = 0.0
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return f32(grid[:-1]), f32(grid[1:]), f32(np.diff(grid)), f32(noise_scale)
+
+
 def entity_scales(cfg_scale: float, schedule: str, num_entities: int) -> np.ndarray:
   """CFG scale per entity [E] (see the module docstring)."""
   if schedule == "constant" or num_entities == 1:
@@ -96,14 +106,7 @@ def entity_step(params, labels, draw, scales, temperature, *, model: XarModel, s
   null = jnp.full_like(labels, backbone.num_classes)
   row_labels = jnp.concatenate([labels, null]) if guided else labels
   rows = row_labels.shape[0]
-  grid = time_grid(solver, num_steps)
-  t_cur = jnp.asarray(grid[:-1], jnp.float32)
-  t_next = jnp.asarray(grid[1:], jnp.float32)
-  dt = jnp.asarray(np.diff(grid), jnp.float32)
-  # SDE noise scale sqrt(2t) sqrt(|dt|) in float64 on the host; 0 at the last (mean) step.
-  noise_scale = np.sqrt(2.0 * grid[:-1]) * np.sqrt(np.abs(np.diff(grid)))
-  noise_scale[-1] = 0.0
-  noise_scale = jnp.asarray(noise_scale, jnp.float32)
+  t_cur, t_next, dt, noise_scale = step_schedule_arrays(solver, num_steps)
   lo, hi = cfg_interval
 
   def network(x, t, cache, index):
