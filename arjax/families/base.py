@@ -40,9 +40,18 @@ What a family supplies:
 import abc
 from typing import Any, Dict, Sequence, Tuple
 
-from arjax.config.schema import Plugin, Schema, check_divisible
+from arjax.config.schema import Plugin, Schema, check_divisible, positive
 from arjax.errors import ConfigError
 from arjax.weights.converter import FamilyConverter
+
+# The size of a Transformer backbone of `depth` blocks of `width` split into `num_heads` heads,
+# MLP hidden = mlp_ratio x width: the fields of the causal, recurrent, scale and ARFlow families.
+TRANSFORMER_SCHEMA: Schema = {
+    "model.width": ((int,), positive, "> 0"),
+    "model.depth": ((int,), positive, "> 0"),
+    "model.num_heads": ((int,), positive, "> 0"),
+    "model.mlp_ratio": ((float, int), positive, "> 0"),
+}
 
 # Blocks as one nn.scan (params with a leading 'layers' axis) and their remat policy
 # (arjax/layers/transformer.py block_stack): fields of every family built from block stacks.

@@ -54,10 +54,7 @@ class ArflowFamily(base.Family):
   cond_width_field = "width"
   head_splits = (("width", "num_heads"),)
   schema = {
-      "model.width": ((int,), positive, "> 0"),
-      "model.depth": ((int,), positive, "> 0"),
-      "model.num_heads": ((int,), positive, "> 0"),
-      "model.mlp_ratio": ((float, int), positive, "> 0"),
+      **base.TRANSFORMER_SCHEMA,
       # The log-gates are log_sigmoid(.) / gate_normalizer (ARFlow: 16): a slow decay.
       "model.gate_normalizer": ((float, int), positive, "> 0"),
       **base.BLOCK_STACK_SCHEMA,

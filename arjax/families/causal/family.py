@@ -46,10 +46,7 @@ class CausalFamily(base.Family):
   cond_width_field = "width"
   head_splits = (("width", "num_heads"),)
   schema = {
-      "model.width": ((int,), positive, "> 0"),
-      "model.depth": ((int,), positive, "> 0"),
-      "model.num_heads": ((int,), positive, "> 0"),
-      "model.mlp_ratio": ((float, int), positive, "> 0"),
+      **base.TRANSFORMER_SCHEMA,
       "model.num_class_tokens": ((int,), positive, "> 0"),
       **base.BLOCK_STACK_SCHEMA,
   }

@@ -54,10 +54,7 @@ class ScaleFamily(base.Family):
   cond_width_field = "width"
   head_splits = (("width", "num_heads"),)
   schema = {
-      "model.width": ((int,), positive, "> 0"),
-      "model.depth": ((int,), positive, "> 0"),
-      "model.num_heads": ((int,), positive, "> 0"),
-      "model.mlp_ratio": ((float, int), positive, "> 0"),
+      **base.TRANSFORMER_SCHEMA,
       # Sides of the scales, coarse to fine, the last the token map's side; () = doubling.
       "model.scales": ((tuple, list), _increasing_sides,
                        "positive integers, strictly increasing (() = doubling 1, 2, 4, ...)"),
